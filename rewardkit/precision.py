@@ -1,0 +1,67 @@
+"""Precision policy: autocast on any device type, float32 outputs.
+
+rewardkit has two speed modes:
+
+* **exact** (``dtype=None`` or ``"fp32"``, the default): everything in float32.
+* **fast** (``dtype="bf16"`` or ``"fp16"``): the towers run under ``torch.autocast`` on the images'
+  device type (CUDA, CPU, MPS, XPU, ...), weights stay float32, and the final heads, norms and score
+  arithmetic run in float32. Outputs are always float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+__all__ = ["parse_dtype", "autocast_for", "dtype_name"]
+
+_ALIASES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "float32": None,
+    "float": None,
+    "exact": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map a user-facing dtype to the autocast dtype; ``None`` means float32 (no autocast).
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if dtype is None or dtype == torch.float32:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+        raise ValueError(f"unsupported dtype {dtype}; use None/'fp32', 'bf16' or 'fp16'")
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _ALIASES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_ALIASES)}")
+    return _ALIASES[key]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``None`` -> ``"fp32"``, ``torch.bfloat16`` -> ``"bf16"``, ``torch.float16`` -> ``"fp16"``."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+@contextlib.contextmanager
+def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` for ``device``'s type with ``dtype``; a no-op when ``dtype`` is ``None``.
+
+    Never hard-codes CUDA: the device type is taken from the tensors being processed.
+    """
+    if dtype is None:
+        yield
+        return
+    device_type = torch.device(device).type
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        yield

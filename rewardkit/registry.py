@@ -1,0 +1,141 @@
+"""The registry: reward name -> metadata + a lazy ``"module:function"`` target.
+
+Importing this module imports no model code. ``load(name, ...)`` imports the target on demand and calls
+it as ``factory(weights=..., device=..., dtype=..., **options)``. All built-ins are registered at the
+bottom of this file, one line each, so the inventory fits on one screen.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Entry", "register", "get_entry", "names", "list_rewards", "load"]
+
+Kind = Literal["reward", "distribution"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Metadata of a registered reward or metric.
+
+    Attributes:
+        name: registry id (lowercase, no whitespace), e.g. ``"pickscore"``.
+        kind: ``"reward"`` (per-image ``RewardFn``) or ``"distribution"`` (set-level metric).
+        target: lazy ``"module:function"`` factory, called with ``weights, device, dtype, **options``.
+        description: one line for ``rewardkit list``.
+        higher_is_better: direction of the score.
+        differentiable: gradients reach the pixels on the tensor path.
+        requires_prompt: the reward needs one prompt per image.
+        requires_reference: a paired metric that needs ``reference=`` images.
+        score_range: informational ``(low, high)``; ``None`` for unbounded sides.
+        default_weights: the upstream source used when ``weights=None``.
+        upstream: where the original implementation lives (cited in docs).
+        extras: the pip extra that the reward needs beyond the core install, if any.
+        tiny: name of the builder in ``rewardkit.testing`` that makes a tiny checkpoint for it.
+    """
+
+    name: str
+    kind: Kind
+    target: str
+    description: str
+    higher_is_better: bool = True
+    differentiable: bool = True
+    requires_prompt: bool = True
+    requires_reference: bool = False
+    score_range: tuple[float | None, float | None] = (None, None)
+    default_weights: str | None = None
+    upstream: str = ""
+    extras: str | None = None
+    tiny: str | None = None
+    default_options: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(entry: Entry, *, replace: bool = False) -> Entry:
+    """Add ``entry`` to the registry.
+
+    Raises:
+        ValueError: an invalid or duplicate name, an unknown kind, or a malformed target.
+    """
+    name = entry.name
+    if not name or name != name.strip() or any(ch.isspace() for ch in name) or name != name.lower():
+        raise ValueError(f"invalid reward name {name!r}: use lowercase without whitespace, e.g. 'my-reward'")
+    if entry.kind not in ("reward", "distribution"):
+        raise ValueError(f"{name}: kind must be 'reward' or 'distribution', got {entry.kind!r}")
+    if entry.target.count(":") != 1:
+        raise ValueError(f"{name}: target must look like 'package.module:function', got {entry.target!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"reward {name!r} is already registered; pass replace=True to override it")
+    _REGISTRY[name] = entry
+    return entry
+
+
+def names(kind: Kind | None = None) -> list[str]:
+    """Registered names, sorted; optionally only one kind."""
+    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
+
+
+def get_entry(name: str) -> Entry:
+    """The entry for ``name``.
+
+    Raises:
+        KeyError: an unknown name, with close matches suggested.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"unknown reward {name!r}{hint} Run `rewardkit list` to see all names.") from None
+
+
+def list_rewards(kind: Kind | None = None) -> list[dict[str, Any]]:
+    """Registry metadata as a list of plain dicts (what ``rewardkit list --json`` prints)."""
+    return [asdict(_REGISTRY[n]) for n in names(kind)]
+
+
+def _import_target(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr)
+
+
+def load(name: str, weights: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
+    """Build a registered reward or metric.
+
+    Args:
+        name: a registry name (``rewardkit list``), or a ``"package.module:factory"`` dotted path of
+            your own factory taking the same arguments.
+        weights: local file/folder, ``"hf:owner/repo[/file]"`` or ``"ms:owner/repo[/file]"``;
+            ``None`` = the upstream default of the entry.
+        device: where the model lives (``None`` = CPU); move it later with ``.to()``.
+        dtype: ``None``/``"fp32"`` (exact) or ``"bf16"``/``"fp16"`` (autocast fast mode).
+        **options: reward-specific options, e.g. ``config=`` to override the architecture.
+
+    Returns:
+        A ``RewardFn`` (kind ``"reward"``) or a ``DistributionMetric`` (kind ``"distribution"``).
+    """
+    if name not in _REGISTRY and ":" in name:
+        factory = _import_target(name)
+    else:
+        entry = get_entry(name)
+        factory = _import_target(entry.target)
+        options = {**entry.default_options, **options}
+    return factory(weights=weights, device=device, dtype=dtype, **options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-ins. One line each; keep sorted by family.
+# ---------------------------------------------------------------------------------------------------
+_CLIP = "rewardkit.rewards"
+register(Entry("clip-score", "reward", f"{_CLIP}.clip_score:load", "CLIPScore (Hessel et al. 2021): w * max(cos, 0), OpenAI ViT-L/14", score_range=(0.0, 2.5), default_weights="hf:openai/clip-vit-large-patch14", upstream="jmhessel/clipscore; Lightning-AI/torchmetrics CLIPScore", tiny="tiny_clip_score"))
+register(Entry("pickscore", "reward", f"{_CLIP}.pickscore:load", "PickScore_v1: exp(logit_scale) * cos on CLIP-H/14 fine-tuned on Pick-a-Pic", default_weights="hf:yuvalkirstain/PickScore_v1", upstream="yuvalkirstain/PickScore", tiny="tiny_pickscore"))
+register(Entry("hpsv2", "reward", f"{_CLIP}.hps:load_v2", "HPS v2.0: raw cosine on open_clip ViT-H-14 + HPS checkpoint, letterbox preprocessing", score_range=(-1.0, 1.0), default_weights="hf:xswu/HPSv2/HPS_v2_compressed.pt", upstream="tgxs002/HPSv2 hpsv2.score", tiny="tiny_hpsv2"))
+register(Entry("hpsv2.1", "reward", f"{_CLIP}.hps:load_v21", "HPS v2.1: raw cosine on open_clip ViT-H-14 + HPS v2.1 checkpoint", score_range=(-1.0, 1.0), default_weights="hf:xswu/HPSv2/HPS_v2.1_compressed.pt", upstream="tgxs002/HPSv2 hpsv2.score(hps_version='v2.1')", tiny="tiny_hpsv2"))
+register(Entry("aesthetic", "reward", f"{_CLIP}.aesthetic:load", "LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE) on OpenAI ViT-L/14", requires_prompt=False, default_weights="hf:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth", upstream="christophschuhmann/improved-aesthetic-predictor", tiny="tiny_aesthetic"))
+register(Entry("bioclip", "reward", f"{_CLIP}.bioclip:load", "BioCLIP 2: exp(logit_scale) * cos on open_clip ViT-L-14 trained on TreeOfLife-200M", default_weights="hf:imageomics/bioclip-2", upstream="Imageomics/bioclip-2 (open_clip hf-hub)", tiny="tiny_bioclip"))
