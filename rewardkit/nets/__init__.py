@@ -1,0 +1,1 @@
+"""Architectures only: no file paths, no downloads, no registry."""

@@ -1,0 +1,366 @@
+"""Loading and scoring shared by the CLIP-family rewards (clip-score, PickScore, HPS, aesthetic, BioCLIP).
+
+Checkpoint formats understood (detected from the files, never from the reward's name):
+
+* a Hugging Face folder (``config.json`` + ``model.safetensors`` / sharded / ``pytorch_model.bin``,
+  tokenizer and ``preprocessor_config.json``): loaded into ``transformers.CLIPModel``;
+* an open_clip hub folder (``open_clip_config.json`` + ``open_clip_model.safetensors`` /
+  ``open_clip_pytorch_model.bin``): loaded into ``open_clip.CLIP``;
+* a single file with HF keys (``text_model.*``, ``vision_model.*``; DiffSynth-Studio's
+  ``ImageMetrics`` re-uploads add ``*.position_ids``, which are dropped) or open_clip keys
+  (``visual.*``; upstream HPS ``.pt`` files wrap them in ``{"state_dict": ...}``). A single file
+  carries no architecture: the reward's default is used unless ``config=`` is given.
+
+Every load is strict (``rewardkit.weights.load_state_dict_strict``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rewardkit.image_io import load_image
+from rewardkit.nets.clip import ClipTowers, HFClipTowers, OpenClipTowers, PromptEmbeddingCache, build_open_clip_model
+from rewardkit.precision import autocast_for, dtype_name, parse_dtype
+from rewardkit.preprocess import PreprocessSpec, preprocess, preprocess_pil
+from rewardkit.protocols import Reward, RewardOutput
+from rewardkit.weights import (
+    drop_keys,
+    load_state_dict_strict,
+    read_state_dict,
+    resolve_weights,
+)
+
+__all__ = ["ClipCheckpoint", "load_clip_checkpoint", "ClipEmbeddingReward", "resolve_device", "spec_for",
+           "load_hf_towers_from_state"]
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+# Everything a CLIP folder needs except weights in other formats (saves GBs of duplicate downloads).
+HF_FOLDER_PATTERNS = ["*.json", "*.txt", "model.safetensors*", "model-*.safetensors"]
+OPEN_CLIP_FOLDER_PATTERNS = ["*.json", "*.txt", "open_clip_model.safetensors"]
+# Position ids are buffers that older transformers saved and newer ones recompute.
+HF_DROPPED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+
+
+class ClipCheckpoint:
+    """A loaded CLIP model plus what its files said about preprocessing.
+
+    Attributes:
+        towers: the ``ClipTowers`` adapter (frozen, eval mode).
+        fmt: ``"hf"`` or ``"open_clip"``.
+        image_mean, image_std: normalisation stored with the weights (``None`` if not stored).
+        resize_size: shortest-edge resize stored with the weights (``None`` if not stored).
+        source: the resolved local path (for caching and error messages).
+    """
+
+    def __init__(self, towers: ClipTowers, fmt: str, source: Path, preprocess_cfg: dict[str, Any]) -> None:
+        self.towers = towers
+        self.fmt = fmt
+        self.source = source
+        self.image_mean = preprocess_cfg.get("mean")
+        self.image_std = preprocess_cfg.get("std")
+        self.resize_size = preprocess_cfg.get("resize_size")
+        # open_clip's preprocess_cfg keys; checked by spec_for so that nothing unsupported passes silently.
+        self.interpolation = preprocess_cfg.get("interpolation", "bicubic")
+        self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+
+
+_SHARED: weakref.WeakValueDictionary[tuple[str, bool], ClipTowers] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def resolve_device(device: Any) -> torch.device:
+    """``None`` -> CPU; anything else -> ``torch.device(device)``."""
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def _hf_folder_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            merged.update(read_state_dict(folder / shard))
+        return merged
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
+    raise FileNotFoundError(f"{folder}: a Hugging Face CLIP folder needs one of {HF_WEIGHT_FILES}")
+
+
+def _detect_key_format(state: dict[str, torch.Tensor], path: Path) -> str:
+    if any(k.startswith(("text_model.", "vision_model.")) for k in state):
+        return "hf"
+    if any(k.startswith("visual.") for k in state):
+        return "open_clip"
+    sample = ", ".join(list(state)[:5])
+    raise ValueError(
+        f"{path}: not a CLIP checkpoint (expected HF keys 'vision_model.*' or open_clip keys 'visual.*', "
+        f"found {sample} ...)"
+    )
+
+
+def _hf_preprocess_cfg(folder: Path | None) -> dict[str, Any]:
+    if folder is None or not (folder / "preprocessor_config.json").is_file():
+        return {}
+    raw = json.loads((folder / "preprocessor_config.json").read_text())
+    size = raw.get("size")
+    resize = size.get("shortest_edge") if isinstance(size, dict) else size
+    return {"mean": raw.get("image_mean"), "std": raw.get("image_std"), "resize_size": resize}
+
+
+def _build_hf_model(config: Any, vision_only: bool) -> torch.nn.Module:
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
+
+    if isinstance(config, dict):
+        config = CLIPConfig(**config)
+    if not vision_only:
+        return CLIPModel(config)
+    vision_config = config.vision_config
+    vision_config.projection_dim = config.projection_dim
+    return CLIPVisionModelWithProjection(vision_config)
+
+
+def _load_hf(state, config, tokenizer_dir: Path | None, vision_only: bool, name: str) -> HFClipTowers:
+    model = _build_hf_model(config, vision_only)
+    dropped = set(HF_DROPPED_KEYS)
+    if vision_only:  # An image-only reward ignores a full checkpoint's text side.
+        dropped |= {k for k in state if k.startswith(("text_model.", "text_projection.")) or k == "logit_scale"}
+    load_state_dict_strict(model, drop_keys(state, dropped), name=name)
+    tokenizer = None
+    if not vision_only:
+        if tokenizer_dir is None:
+            raise FileNotFoundError(
+                f"{name}: no tokenizer found next to the weights; pass processor='hf:owner/repo' or a local "
+                f"folder with {' or '.join(TOKENIZER_FILES)}"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return HFClipTowers(model.eval().requires_grad_(False), tokenizer)
+
+
+def load_hf_towers_from_state(state: dict[str, torch.Tensor], config: Any, *, name: str) -> HFClipTowers:
+    """An image-only HF tower from an in-memory state dict (merged checkpoints such as DiffSynth's Aesthetic)."""
+    return _load_hf(state, config, None, True, name)
+
+
+def _open_clip_tokenizer(model_cfg: dict[str, Any]) -> Any:
+    import open_clip
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    context_length = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def _load_open_clip(state, model_cfg: dict[str, Any], name: str) -> OpenClipTowers:
+    model = build_open_clip_model(model_cfg)
+    load_state_dict_strict(model, state, name=name)
+    return OpenClipTowers(model.eval().requires_grad_(False), _open_clip_tokenizer(model_cfg))
+
+
+def _has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_clip_checkpoint(
+    weights: Any,
+    *,
+    name: str,
+    default_config: Any,
+    config: Any = None,
+    processor: Any = None,
+    fallback_processor: Any = None,
+    vision_only: bool = False,
+) -> ClipCheckpoint:
+    """Load CLIP towers from any supported format (see module docstring).
+
+    Args:
+        weights: weight spec (local path, ``hf:``, ``ms:``).
+        name: the reward name, for error messages.
+        default_config: architecture for single-file checkpoints: an HF ``CLIPConfig`` kwargs dict
+            (HF keys) or an open_clip model name / config dict (open_clip keys), as a dict
+            ``{"hf": ..., "open_clip": ...}``.
+        config: user override of the architecture (same forms).
+        processor: where the tokenizer/preprocessor files are (overrides files next to the weights).
+        fallback_processor: used when neither ``processor`` nor files next to the weights exist
+            (upstream PickScore takes its processor from the laion CLIP-H repository).
+        vision_only: build only the image tower (aesthetic).
+    """
+    path = resolve_weights(weights, allow_patterns=HF_FOLDER_PATTERNS + OPEN_CLIP_FOLDER_PATTERNS, what=name)
+    key = (str(path.resolve()), vision_only)
+    with _SHARED_LOCK:
+        for candidate in ((key[0], False), key):
+            cached = _SHARED.get(candidate)
+            if cached is not None and config is None and processor is None:
+                fmt = "hf" if isinstance(cached, HFClipTowers) else "open_clip"
+                return ClipCheckpoint(cached, fmt, path, getattr(cached, "_rk_preprocess_cfg", {}))
+    if processor is None and not vision_only and not _has_tokenizer(path if path.is_dir() else path.parent):
+        processor = fallback_processor
+    checkpoint = _load_uncached(path, name, default_config, config, processor, vision_only)
+    checkpoint.towers._rk_preprocess_cfg = {
+        "mean": checkpoint.image_mean, "std": checkpoint.image_std, "resize_size": checkpoint.resize_size,
+        "interpolation": checkpoint.interpolation, "resize_mode": checkpoint.resize_mode,
+    }
+    if config is None and processor is None:
+        with _SHARED_LOCK:
+            _SHARED[key] = checkpoint.towers
+    return checkpoint
+
+
+def _load_uncached(path: Path, name, default_config, config, processor, vision_only) -> ClipCheckpoint:
+    tokenizer_dir: Path | None = None
+    if processor is not None:
+        tokenizer_dir = resolve_weights(processor, allow_patterns=["*.json", "*.txt"], what=f"{name} processor")
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import CLIPConfig
+
+        hf_config = config or CLIPConfig.from_pretrained(str(path))
+        state = _hf_folder_state_dict(path)
+        towers = _load_hf(state, hf_config, tokenizer_dir or path, vision_only, name)
+        return ClipCheckpoint(towers, "hf", path, _hf_preprocess_cfg(tokenizer_dir or path))
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        raw = json.loads((path / "open_clip_config.json").read_text())
+        model_cfg = config or raw["model_cfg"]
+        weight_file = next((path / f for f in OPEN_CLIP_WEIGHT_FILES if (path / f).is_file()), None)
+        if weight_file is None:
+            raise FileNotFoundError(f"{name}: {path} has open_clip_config.json but none of {OPEN_CLIP_WEIGHT_FILES}")
+        towers = _load_open_clip(read_state_dict(weight_file), model_cfg, name)
+        return ClipCheckpoint(towers, "open_clip", path, raw.get("preprocess_cfg", {}))
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{name}: {path} is neither a Hugging Face CLIP folder (config.json) nor an open_clip folder "
+            "(open_clip_config.json); pass the checkpoint file itself"
+        )
+    state = read_state_dict(path, unwrap=("state_dict",))
+    fmt = _detect_key_format(state, path)
+    arch = config if config is not None else default_config.get(fmt)
+    if arch is None:
+        raise ValueError(f"{name}: {path} has {fmt} keys but no default architecture for them; pass config=")
+    if fmt == "hf":
+        folder = tokenizer_dir or (path.parent if _has_tokenizer(path.parent) else None)
+        towers = _load_hf(state, arch, folder, vision_only, name)
+        return ClipCheckpoint(towers, "hf", path, _hf_preprocess_cfg(folder))
+    if isinstance(arch, str):
+        import open_clip
+
+        arch = open_clip.get_model_config(arch)
+    return ClipCheckpoint(_load_open_clip(state, arch, name), "open_clip", path, {})
+
+
+def spec_for(checkpoint: ClipCheckpoint, **overrides: Any) -> PreprocessSpec:
+    """The upstream preprocessing of a checkpoint's own library, unless overridden.
+
+    HF checkpoints are preprocessed the way ``CLIPImageProcessor`` does it (PIL backend, floor crop);
+    open_clip checkpoints the way open_clip's eval transform does it (torchvision, round crop). The
+    normalisation stored with the weights wins over the OpenAI default.
+    """
+    size = checkpoint.towers.image_size
+    if checkpoint.resize_size not in (None, size):
+        raise ValueError(
+            f"preprocessing with resize {checkpoint.resize_size} != crop {size} is not supported; "
+            "pass a PreprocessSpec explicitly"
+        )
+    if checkpoint.interpolation != "bicubic" or checkpoint.resize_mode != "shortest":
+        raise ValueError(
+            f"{checkpoint.source}: preprocessing {checkpoint.resize_mode!r}/{checkpoint.interpolation!r} is not "
+            "supported (rewardkit implements shortest-side bicubic resize + center crop and the HPS letterbox)"
+        )
+    fields: dict[str, Any] = {"size": size}
+    if checkpoint.fmt == "hf":
+        fields.update(crop_rounding="floor", pil_backend="hf")
+    else:
+        fields.update(crop_rounding="floor", pil_backend="hf")
+    if checkpoint.image_mean is not None:
+        fields.update(mean=tuple(checkpoint.image_mean), std=tuple(checkpoint.image_std))
+    fields.update(overrides)
+    return PreprocessSpec(**fields)
+
+
+class ClipEmbeddingReward(Reward):
+    """Base of the CLIP-family rewards: preprocessing, towers, prompt cache, precision.
+
+    Subclasses implement ``head(image_embeds, text_embeds) -> (scores, details)`` on L2-normalised
+    float32 embeddings ``(B, D)`` (``text_embeds`` is ``None`` for image-only rewards).
+    """
+
+    def __init__(self, towers: ClipTowers, spec: PreprocessSpec, dtype: Any = None) -> None:
+        super().__init__()
+        self.towers = towers
+        self.spec = spec
+        self.autocast_dtype = parse_dtype(dtype)
+        self.prompt_cache = PromptEmbeddingCache()
+        self.freeze()
+
+    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda()/.half(): cached embeddings are stale
+        self.prompt_cache.clear()
+        return super()._apply(fn, recurse)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.towers.parameters()).device
+
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``(B, 3, S, S)`` -> L2-normalised float32 image embeddings ``(B, D)``."""
+        with autocast_for(pixels.device, self.autocast_dtype):
+            embeds = self.towers.encode_image(pixels)
+        return F.normalize(embeds.float(), dim=-1)
+
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """``B`` prompts -> L2-normalised float32 text embeddings ``(B, D)``; distinct prompts encoded once."""
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            with autocast_for(self.device, self.autocast_dtype):
+                embeds = self.towers.encode_text(texts)
+            return F.normalize(embeds.float(), dim=-1)
+
+        return self.prompt_cache.lookup(prompts, dtype_name(self.autocast_dtype), encode)
+
+    def head(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
+        """Score already-preprocessed pixels (either path) on the model's device."""
+        image_embeds = self.image_embeds(pixels.to(self.device))
+        text_embeds = self.text_embeds(prompts) if self.requires_prompt else None
+        scores, details = self.head(image_embeds, text_embeds)
+        return RewardOutput(scores.float(), details)
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
+        """Tensor path: differentiable antialiased resize/crop/normalise, then the towers."""
+        out = self.score_pixels(preprocess(images.to(self.device), self.spec), prompts)
+        return RewardOutput(out.scores.to(images.device), out.details)
+
+    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None) -> RewardOutput:
+        """Exact path: upstream PIL preprocessing for PIL images or image files (any sizes).
+
+        Args:
+            images: a PIL image, a path, or a list of them (sizes may differ).
+            prompts: as for ``__call__``.
+
+        Returns:
+            ``RewardOutput`` with float32 scores ``(B,)`` on the model's device.
+        """
+        from rewardkit.errors import check_prompts
+
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError(f"{self.name}: expected at least one image, got an empty list")
+        pil_images = [load_image(x) if isinstance(x, (str, Path)) else x for x in items]
+        prompt_list = check_prompts(self.name, prompts, len(pil_images), self.requires_prompt)
+        return self.score_pixels(preprocess_pil(pil_images, self.spec), prompt_list)
+
+    def score_pil(self, images: Any, prompts: str | list[str] | None = None) -> torch.Tensor:
+        """``evaluate_pil(...).scores``: float32 ``(B,)``."""
+        return self.evaluate_pil(images, prompts).scores

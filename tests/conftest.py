@@ -1,0 +1,59 @@
+"""Test configuration: offline guard, seeds, tiny checkpoints shared by the session.
+
+No test may touch the network: the hub libraries are put in offline mode and any socket connection
+to a non-loopback address fails the test (a download attempt is a failure, never a skip).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REWARDKIT_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):  # type: ignore[no-untyped-def]
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        return _real_connect(self, address)
+    raise RuntimeError(f"network access attempted in a test: {address!r}")
+
+
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+CLIP_REWARDS = ("clip-score", "pickscore", "hpsv2", "hpsv2.1", "aesthetic", "bioclip")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for every tiny checkpoint of the session (built on first use)."""
+    return tmp_path_factory.mktemp("tiny-checkpoints")
+
+
+_REWARD_CACHE: dict[tuple[str, str], object] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_root: Path):
+    """``tiny_reward(name, layout="upstream")`` -> a cached tiny reward (fp32, CPU)."""
+    import rewardkit.testing as rkt
+
+    def build(name: str, layout: str = "upstream"):
+        key = (name, layout)
+        if key not in _REWARD_CACHE:
+            _REWARD_CACHE[key] = rkt.load_tiny(name, tiny_root / layout, layout=layout)
+        return _REWARD_CACHE[key]
+
+    return build

@@ -1,0 +1,156 @@
+"""Contract tests, parametrised over every registered reward (driven by registry metadata, not names)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import rewardkit as rk
+import rewardkit.testing as rkt
+from rewardkit.registry import get_entry, names
+
+REWARDS = names("reward")
+PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a cat", "mountains at dawn", "an astronaut"]
+# bf16 autocast against fp32, on the tiny models: max |delta| as a fraction of the fp32 score spread
+# over the batch (scale-free, so one bound serves rewards in [0, 1] and in [0, 100]). Measured:
+# 0.3%-2% of the spread; real-size numbers are in the README's speed table.
+BF16_SPREAD_FRACTION = 0.10
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return rkt.random_images(6, 48, 40, seed=1)
+
+
+def _prompts(name: str):
+    return PROMPTS if get_entry(name).requires_prompt else None
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_every_reward_has_a_tiny_builder(name: str) -> None:
+    assert get_entry(name).tiny is not None and hasattr(rkt, get_entry(name).tiny)
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_output_is_float32_batch_on_input_device(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    scores = reward(images, _prompts(name))
+    assert scores.shape == (6,)
+    assert scores.dtype == torch.float32
+    assert scores.device == images.device
+    assert torch.isfinite(scores).all()
+    assert scores.std() > 0, "random tiny weights must give different scores to different images"
+    assert isinstance(reward, rk.RewardFn)
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_scores_are_batch_size_independent(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    prompts = _prompts(name)
+    whole = reward(images, prompts)
+    singles = torch.cat([reward(images[i : i + 1], prompts[i] if prompts else None) for i in range(6)])
+    torch.testing.assert_close(whole, singles, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_scores_are_deterministic_and_permutation_equivariant(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    prompts = _prompts(name)
+    first = reward(images, prompts)
+    torch.testing.assert_close(reward(images, prompts), first, rtol=0, atol=0)
+    order = torch.tensor([5, 3, 1, 0, 2, 4])
+    permuted_prompts = [prompts[i] for i in order] if prompts else None
+    torch.testing.assert_close(reward(images[order], permuted_prompts), first[order], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_gradient_reaches_pixels_iff_differentiable(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    pixels = images.clone().requires_grad_(True)
+    scores = reward(pixels, _prompts(name))
+    assert scores.requires_grad == get_entry(name).differentiable == reward.differentiable
+    if reward.differentiable:
+        scores.sum().backward()
+        assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
+        assert pixels.grad.abs().sum() > 0
+        assert all(p.grad is None for p in reward.parameters()), "reward weights must stay frozen"
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_cache_filled_under_inference_mode_serves_a_grad_step(name: str, tiny_root, images) -> None:
+    # RL loops score under torch.inference_mode(), reward-backprop loops with grad on: a prompt
+    # embedding cached in the first must be usable in the second.
+    reward = rkt.load_tiny(name, tiny_root / "cache")
+    with torch.inference_mode():
+        reference = reward(images, _prompts(name))
+    pixels = images.clone().requires_grad_(True)
+    scores = reward(pixels, _prompts(name))
+    torch.testing.assert_close(scores.detach(), reference.clone(), rtol=1e-5, atol=1e-6)
+    scores.sum().backward()
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_bf16_autocast_is_close_to_fp32(name: str, tiny_root, tiny_reward, images) -> None:
+    exact = tiny_reward(name)(images, _prompts(name))
+    fast = rkt.load_tiny(name, tiny_root / "bf16", dtype="bf16")
+    scores = fast(images, _prompts(name))
+    assert scores.dtype == torch.float32
+    spread = (exact.max() - exact.min()).item()
+    assert (scores - exact).abs().max().item() <= BF16_SPREAD_FRACTION * spread
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_reward_pickles_and_state_dict_round_trips(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    expected = reward(images, _prompts(name))
+    clone = pickle.loads(pickle.dumps(reward))
+    torch.testing.assert_close(clone(images, _prompts(name)), expected, rtol=0, atol=0)
+    clone.load_state_dict(reward.state_dict())
+    assert not clone.training and not any(p.requires_grad for p in clone.parameters())
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_train_mode_cannot_be_switched_on(name: str, tiny_reward) -> None:
+    reward = tiny_reward(name)
+    reward.train()
+    assert not reward.training and not any(m.training for m in reward.modules())
+
+
+# ----------------------------------------------------------------------------- bad input, one per class
+BAD_IMAGES = {
+    "uint8": (lambda x: (x * 255).to(torch.uint8), ValueError, "uint8"),
+    "nhwc": (lambda x: x.permute(0, 2, 3, 1).contiguous(), ValueError, "NHWC"),
+    "above-one": (lambda x: x * 255, ValueError, r"\[0, 255\]"),
+    "minus-one-to-one": (lambda x: x * 2 - 1, ValueError, r"\[-1, 1\]"),
+    "nan": (lambda x: x.masked_fill(x > 0.9, float("nan")), ValueError, "NaN"),
+    "empty": (lambda x: x[:0], ValueError, "empty batch"),
+    "three-dims": (lambda x: x[0], ValueError, "batch dimension"),
+    "numpy": (lambda x: x.numpy(), TypeError, "to_tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+@pytest.mark.parametrize("name", REWARDS)
+def test_bad_images_raise_with_a_fix(name: str, case: str, tiny_reward, images) -> None:
+    transform, error, message = BAD_IMAGES[case]
+    with pytest.raises(error, match=message) as info:
+        tiny_reward(name)(transform(images), _prompts(name))
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", [n for n in REWARDS if get_entry(n).requires_prompt])
+def test_wrong_prompt_count_and_missing_prompt_raise(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    with pytest.raises(ValueError, match="one prompt or 6 prompts"):
+        reward(images, PROMPTS[:4])
+    with pytest.raises(ValueError, match="needs a prompt"):
+        reward(images)
+    with pytest.raises(TypeError, match=r"prompts\[1\]"):
+        reward(images, ["ok", 3, "a", "b", "c", "d"])
+
+
+def test_one_prompt_is_broadcast(tiny_reward, images) -> None:
+    reward = tiny_reward("pickscore")
+    torch.testing.assert_close(reward(images, "a cat"), reward(images, ["a cat"] * 6))
