@@ -220,16 +220,18 @@ def load_clip_checkpoint(
 
 
 def _load_uncached(path: Path, name, default_config, config, processor, vision_only) -> ClipCheckpoint:
-    tokenizer_dir: Path | None = None
-    if processor is not None:
-        tokenizer_dir = resolve_weights(processor, allow_patterns=["*.json", "*.txt"], what=f"{name} processor")
+    def tokenizer_dir() -> Path | None:  # resolved only for HF checkpoints, after the format is known
+        if processor is None:
+            return None
+        return resolve_weights(processor, allow_patterns=["*.json", "*.txt"], what=f"{name} processor")
+
     if path.is_dir() and (path / "config.json").is_file():
         from transformers import CLIPConfig
 
         hf_config = config or CLIPConfig.from_pretrained(str(path))
-        state = _hf_folder_state_dict(path)
-        towers = _load_hf(state, hf_config, tokenizer_dir or path, vision_only, name)
-        return ClipCheckpoint(towers, "hf", path, _hf_preprocess_cfg(tokenizer_dir or path))
+        folder = tokenizer_dir() or path
+        towers = _load_hf(_hf_folder_state_dict(path), hf_config, folder, vision_only, name)
+        return ClipCheckpoint(towers, "hf", path, _hf_preprocess_cfg(folder))
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         raw = json.loads((path / "open_clip_config.json").read_text())
         model_cfg = config or raw["model_cfg"]
@@ -249,7 +251,7 @@ def _load_uncached(path: Path, name, default_config, config, processor, vision_o
     if arch is None:
         raise ValueError(f"{name}: {path} has {fmt} keys but no default architecture for them; pass config=")
     if fmt == "hf":
-        folder = tokenizer_dir or (path.parent if _has_tokenizer(path.parent) else None)
+        folder = tokenizer_dir() or (path.parent if _has_tokenizer(path.parent) else None)
         towers = _load_hf(state, arch, folder, vision_only, name)
         return ClipCheckpoint(towers, "hf", path, _hf_preprocess_cfg(folder))
     if isinstance(arch, str):

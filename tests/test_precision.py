@@ -1,0 +1,31 @@
+"""Precision policy: dtype parsing and device-agnostic autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardkit.precision import autocast_for, dtype_name, parse_dtype
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, None), ("fp32", None), (torch.float32, None),
+                                                  ("bf16", torch.bfloat16), ("BF16", torch.bfloat16),
+                                                  ("torch.float16", torch.float16), (torch.float16, torch.float16)])
+def test_parse_dtype(given, expected) -> None:
+    assert parse_dtype(given) is expected
+
+
+def test_unknown_dtypes_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("int8")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        parse_dtype(torch.float64)
+
+
+def test_autocast_for_cpu_runs_matmuls_in_bf16() -> None:
+    a = torch.randn(4, 4)
+    with autocast_for("cpu", torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast_for("cpu", None):
+        assert (a @ a).dtype == torch.float32
+    assert dtype_name(None) == "fp32" and dtype_name(torch.bfloat16) == "bf16"
