@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from rewardkit.errors import describe
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "list_images", "load_image", "load_images", "pil_to_tensor",
-           "to_tensor"]
+           "to_tensor", "as_rgb", "as_rgb_images"]
 
 # Matched case-insensitively.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif",
@@ -145,6 +145,17 @@ def load_images(paths: Sequence[PathLike], *, alpha: AlphaPolicy = "drop") -> li
         raise TypeError(f"load_images expects a list of paths, got the single path {paths!r}; use "
                         "load_image(path), or load_images(list_images(folder)) for a folder")
     return [load_image(path, alpha=alpha) for path in paths]
+
+
+def as_rgb(image: Image.Image, *, alpha: AlphaPolicy = "drop") -> Image.Image:
+    """An in-memory PIL image of any supported mode as 8-bit RGB, by the rules of :func:`load_image`."""
+    _check_alpha(alpha)
+    return _to_rgb(image, alpha, "PIL image")
+
+
+def as_rgb_images(items: Sequence[Any], *, alpha: AlphaPolicy = "drop") -> list[Image.Image]:
+    """PIL images and/or image paths (sizes may differ) -> 8-bit RGB PIL images, in order."""
+    return [load_image(x, alpha=alpha) if isinstance(x, (str, os.PathLike)) else as_rgb(x, alpha=alpha) for x in items]
 
 
 def _to_rgb(image: Image.Image, alpha: str, source: str) -> Image.Image:

@@ -396,3 +396,16 @@ def test_gradient_flows_through_to_tensor():
     assert out.requires_grad
     out.sum().backward()
     torch.testing.assert_close(source.grad, torch.ones_like(source))
+
+
+def test_as_rgb_images_converts_in_memory_images_and_paths_alike(tmp_path):
+    from PIL import Image
+
+    from rewardkit.image_io import as_rgb_images
+
+    gray = Image.new("L", (5, 4), 77)
+    gray.save(tmp_path / "gray.png")
+    converted = as_rgb_images([gray, tmp_path / "gray.png", Image.new("RGBA", (3, 3), (10, 20, 30, 0))])
+    assert [im.mode for im in converted] == ["RGB"] * 3
+    assert converted[0].tobytes() == converted[1].tobytes()
+    assert converted[2].getpixel((0, 0)) == (10, 20, 30)  # alpha dropped, as Image.convert("RGB")

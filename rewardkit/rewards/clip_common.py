@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rewardkit.image_io import load_image
+from rewardkit.image_io import as_rgb_images
 from rewardkit.nets.clip import ClipTowers, HFClipTowers, OpenClipTowers, PromptEmbeddingCache, build_open_clip_model
 from rewardkit.precision import autocast_for, dtype_name, parse_dtype
 from rewardkit.preprocess import PreprocessSpec, preprocess, preprocess_pil
@@ -359,7 +359,7 @@ class ClipEmbeddingReward(Reward):
         items = images if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ValueError(f"{self.name}: expected at least one image, got an empty list")
-        pil_images = [load_image(x) if isinstance(x, (str, Path)) else x for x in items]
+        pil_images = as_rgb_images(items)
         prompt_list = check_prompts(self.name, prompts, len(pil_images), self.requires_prompt)
         return self.score_pixels(preprocess_pil(pil_images, self.spec), prompt_list)
 
