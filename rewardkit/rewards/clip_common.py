@@ -283,7 +283,7 @@ def spec_for(checkpoint: ClipCheckpoint, **overrides: Any) -> PreprocessSpec:
     if checkpoint.fmt == "hf":
         fields.update(crop_rounding="floor", pil_backend="hf")
     else:
-        fields.update(crop_rounding="floor", pil_backend="hf")
+        fields.update(crop_rounding="round", pil_backend="torchvision")
     if checkpoint.image_mean is not None:
         fields.update(mean=tuple(checkpoint.image_mean), std=tuple(checkpoint.image_std))
     fields.update(overrides)
