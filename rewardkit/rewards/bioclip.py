@@ -38,8 +38,7 @@ class BioCLIPReward(ClipEmbeddingReward):
     requires_prompt = True
 
     def head(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        cosine = (image_embeds * text_embeds).sum(-1)  # (B,)
-        return self.towers.logit_scale.float().exp() * cosine, {"cosine": cosine.detach()}
+        return self.logit_scaled_cosine(image_embeds, text_embeds)
 
 
 def load(weights: Any = None, device: Any = None, dtype: Any = None, *, config: Any = None) -> BioCLIPReward:

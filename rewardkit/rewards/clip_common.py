@@ -332,6 +332,11 @@ class ClipEmbeddingReward(Reward):
     def head(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def logit_scaled_cosine(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """CLIP's logit: ``exp(logit_scale) * cos(text_i, image_i)`` (B,), with the cosine as a detail."""
+        cosine = (image_embeds * text_embeds).sum(-1)  # (B,)
+        return self.towers.logit_scale.float().exp() * cosine, {"cosine": cosine.detach()}
+
     def score_pixels(self, pixels: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
         """Score already-preprocessed pixels (either path) on the model's device."""
         image_embeds = self.image_embeds(pixels.to(self.device))
