@@ -241,3 +241,23 @@ def test_aesthetic_shares_the_image_tower_with_clip_score(tiny_root) -> None:
     clip_score = rk.load("clip-score", weights=kwargs["clip_weights"])
     aesthetic = rk.load("aesthetic", **kwargs)
     assert aesthetic.towers is clip_score.towers
+
+
+def test_aesthetic_and_bioclip_tensor_paths_equal_upstream_without_resize(tiny_root) -> None:
+    images = _pil_images([(32, 32)] * 6, seed=30)
+    pixels = torch.stack([pil_to_tensor(im) for im in images])
+    kwargs = rkt.tiny_aesthetic(tiny_root / "parity")
+    expected = _aesthetic_reference(kwargs["weights"], kwargs["clip_weights"], images)
+    torch.testing.assert_close(rk.load("aesthetic", **kwargs)(pixels), expected, rtol=1e-4, atol=ATOL)
+    bioclip = rk.load("bioclip", **rkt.tiny_bioclip(tiny_root / "parity"))
+    torch.testing.assert_close(bioclip(pixels, PROMPTS), bioclip.score_pil(images, PROMPTS), rtol=0, atol=ATOL)
+
+
+def test_clip_score_accepts_open_clip_checkpoints(tiny_root) -> None:
+    """Any open_clip model: clip-score on an open_clip hub folder = 100 * max(open_clip cosine, 0)."""
+    folder = rkt.tiny_bioclip(tiny_root / "parity")["weights"]
+    bioclip = rk.load("bioclip", weights=folder)
+    clip_score = rk.load("clip-score", weights=folder, scale=100)
+    images = _pil_images()
+    cosine = bioclip.evaluate_pil(images, PROMPTS).details["cosine"]
+    torch.testing.assert_close(clip_score.score_pil(images, PROMPTS), 100 * cosine.clamp_min(0), rtol=0, atol=100 * ATOL)
