@@ -11,11 +11,12 @@ rewardkit has two speed modes:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
 
-__all__ = ["parse_dtype", "autocast_for", "dtype_name"]
+__all__ = ["parse_dtype", "autocast_for", "dtype_name", "cpu_supports"]
 
 _ALIASES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -53,6 +54,20 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+_WARNED: set[torch.dtype] = set()
+
+
+def cpu_supports(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native ``dtype`` matrix instructions (AVX512-BF16 / AMX / AVX512-FP16).
+
+    Without them, oneDNN emulates bf16/fp16 and autocast is several times *slower* than float32
+    (measured: 5-6x on an AVX2-only EPYC, benchmarks/results/clip_rewards.md).
+    """
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    check = getattr(torch.ops.mkldnn, probe, None)
+    return bool(check()) if check is not None else True  # unknown: do not warn
+
+
 @contextlib.contextmanager
 def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.autocast`` for ``device``'s type with ``dtype``; a no-op when ``dtype`` is ``None``.
@@ -63,5 +78,14 @@ def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> Itera
         yield
         return
     device_type = torch.device(device).type
+    if device_type == "cpu" and dtype not in _WARNED and not cpu_supports(dtype):
+        _WARNED.add(dtype)
+        warnings.warn(
+            f"{dtype_name(dtype)} autocast on this CPU has no native {dtype_name(dtype)} instructions and runs "
+            "slower than float32; use dtype=None (exact fp32) here, and the fast mode on a GPU or a CPU with "
+            "AVX512-BF16/AMX",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     with torch.autocast(device_type=device_type, dtype=dtype):
         yield

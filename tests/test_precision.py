@@ -29,3 +29,19 @@ def test_autocast_for_cpu_runs_matmuls_in_bf16() -> None:
     with autocast_for("cpu", None):
         assert (a @ a).dtype == torch.float32
     assert dtype_name(None) == "fp32" and dtype_name(torch.bfloat16) == "bf16"
+
+
+def test_slow_cpu_autocast_warns_once(monkeypatch) -> None:
+    import rewardkit.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_supports", lambda dtype: False)
+    monkeypatch.setattr(precision, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="slower than float32"):
+        with autocast_for("cpu", torch.bfloat16):
+            pass
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with autocast_for("cpu", torch.bfloat16):  # second time: silent
+            pass
