@@ -61,7 +61,7 @@ def cpu_supports(dtype: torch.dtype) -> bool:
     """Whether this CPU has native ``dtype`` matrix instructions (AVX512-BF16 / AMX / AVX512-FP16).
 
     Without them, oneDNN emulates bf16/fp16 and autocast is several times *slower* than float32
-    (measured: 5-6x on an AVX2-only EPYC, benchmarks/results/clip_rewards.md).
+    (measured: about 7x on an AVX2-only EPYC, benchmarks/results/clip_rewards.md).
     """
     probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     check = getattr(torch.ops.mkldnn, probe, None)
