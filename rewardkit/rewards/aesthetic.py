@@ -11,7 +11,8 @@ Weights, either:
 * ``weights=`` the MLP head ``.pth`` (default: the Hugging Face mirror
   ``camenduru/improved-aesthetic-predictor``, a third-party copy of the GitHub file) plus
   ``clip_weights=`` the image tower (default ``hf:openai/clip-vit-large-patch14``). When clip-score is
-  loaded from the same tower weights, both rewards share one image tower in memory.
+  loaded from the same tower weights, both rewards share one image tower in memory (so moving one
+  reward with ``.to(...)`` moves the shared tower of the other too).
 * ``weights=`` a DiffSynth-Studio ``Aesthetic/model.safetensors`` (tower + projection + head merged).
 
 Scores from DiffSynth-Studio's ``AestheticMetric`` differ on inputs whose resized long side leaves a

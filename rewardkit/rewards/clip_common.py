@@ -271,8 +271,8 @@ def spec_for(checkpoint: ClipCheckpoint, **overrides: Any) -> PreprocessSpec:
     size = checkpoint.towers.image_size
     if checkpoint.resize_size not in (None, size):
         raise ValueError(
-            f"preprocessing with resize {checkpoint.resize_size} != crop {size} is not supported; "
-            "pass a PreprocessSpec explicitly"
+            f"{checkpoint.source}: preprocessing with resize {checkpoint.resize_size} != crop {size} is not "
+            "supported (rewardkit's CLIP preprocessing resizes the shortest side to the crop size, as CLIP does)"
         )
     if checkpoint.interpolation != "bicubic" or checkpoint.resize_mode != "shortest":
         raise ValueError(
