@@ -22,7 +22,8 @@ __all__ = ["CheckpointMismatchError", "WeightSource", "drop_keys", "file_sha256"
 
 _SPEC_FORMS = (
     "a local file or folder path, 'hf:owner/repo', 'hf:owner/repo/path/in/repo.safetensors', "
-    "'hf:owner/repo@revision/path/in/repo.safetensors', or the same with 'ms:' for ModelScope"
+    "'hf:owner/repo@revision/path/in/repo.safetensors', 'hf:owner/repo/sub/folder/' (a folder in the repo), "
+    "or the same with 'ms:' for ModelScope"
 )
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "REWARDKIT_OFFLINE")
 _TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
@@ -68,7 +69,24 @@ def parse_weight_spec(spec: str | os.PathLike) -> WeightSource:
     repo, at, revision = repo.partition("@")
     if not owner or not repo or "@" in owner or (at and not revision) or any(not p for p in rest):
         raise ValueError(f"malformed weight spec {spec!r}; accepted forms: {_SPEC_FORMS}")
-    return WeightSource(kind, f"{owner}/{repo}", "/".join(rest) or None, revision or None)  # type: ignore[arg-type]
+    # A trailing "/" after a path inside the repo names a sub-folder ("hf:owner/repo/PickScore/").
+    filename = "/".join(rest) + ("/" if rest and spec.endswith("/") else "") or None
+    return WeightSource(kind, f"{owner}/{repo}", filename, revision or None)  # type: ignore[arg-type]
+
+
+def _folder_patterns(src: WeightSource, allow_patterns: list[str] | None) -> list[str] | None:
+    """Download patterns of a whole-repo (``None`` filename) or sub-folder (filename ending in ``/``) spec."""
+    if src.filename is None:
+        return allow_patterns
+    return [src.filename + pattern for pattern in (allow_patterns or ["*"])]
+
+
+def _is_folder(src: WeightSource) -> bool:
+    return src.filename is None or src.filename.endswith("/")
+
+
+def _in_snapshot(root: str, src: WeightSource) -> pathlib.Path:
+    return pathlib.Path(root) / (src.filename or "").rstrip("/")
 
 
 def _offline_vars_set() -> list[str]:
@@ -98,14 +116,15 @@ def _resolve_hf(src: WeightSource, allow_patterns: list[str] | None, what: str) 
     offline = is_offline()
     looked = f"{what}: {_spec_str(src)}"
     try:
-        if src.filename is not None:
+        if not _is_folder(src):
             out = huggingface_hub.hf_hub_download(
                 repo_id=src.location, filename=src.filename, revision=src.revision, local_files_only=offline
             )
         else:
-            out = huggingface_hub.snapshot_download(
-                repo_id=src.location, revision=src.revision, allow_patterns=allow_patterns, local_files_only=offline
-            )
+            out = _in_snapshot(huggingface_hub.snapshot_download(
+                repo_id=src.location, revision=src.revision, allow_patterns=_folder_patterns(src, allow_patterns),
+                local_files_only=offline,
+            ), src)
     except errors.LocalEntryNotFoundError as exc:
         raise FileNotFoundError(f"{looked} is not in the local Hugging Face cache{_fix(src)}") from exc
     except (errors.EntryNotFoundError, errors.RevisionNotFoundError, errors.RepositoryNotFoundError) as exc:
@@ -130,11 +149,12 @@ def _resolve_ms(src: WeightSource, allow_patterns: list[str] | None, what: str) 
     offline = {"local_files_only": True} if is_offline() else {}
     looked = f"{what}: {_spec_str(src)}"
     try:
-        if src.filename is not None:
+        if not _is_folder(src):
             out = modelscope.model_file_download(src.location, src.filename, revision=src.revision, **offline)
         else:
-            out = modelscope.snapshot_download(src.location, revision=src.revision, allow_patterns=allow_patterns,
-                                               **offline)
+            out = _in_snapshot(modelscope.snapshot_download(
+                src.location, revision=src.revision, allow_patterns=_folder_patterns(src, allow_patterns), **offline
+            ), src)
     except Exception as exc:  # modelscope's error classes differ between versions
         kind = type(exc).__name__
         missing = isinstance(exc, FileNotFoundError) or "NotExist" in kind or "NotFound" in kind or is_offline()

@@ -297,9 +297,11 @@ def test_model_config_resolve_fetches_only_the_folder(tmp_path: Path, monkeypatc
         return tmp_path / "snapshot"
 
     monkeypatch.setattr(ds._weights, "resolve_weights", fake_resolve)
+    # A folder pattern becomes a sub-folder spec; weights.resolve_weights fetches only that folder
+    # (tests/test_weights.py::test_hub_sub_folder_downloads_only_that_folder).
     folder = ModelConfig(model_id=REPO, origin_file_pattern="PickScore/").resolve(["*.json", "*.txt"])
-    assert folder == tmp_path / "snapshot" / "PickScore"
-    assert calls[-1] == (f"ms:{REPO}", ["PickScore/*.json", "PickScore/*.txt"])
+    assert folder == tmp_path / "snapshot"
+    assert calls[-1] == (f"ms:{REPO}/PickScore/", ["*.json", "*.txt"])
     ModelConfig(model_id=REPO, origin_file_pattern="HPSv2/model.safetensors", download_source="huggingface").resolve()
     assert calls[-1] == (f"hf:{REPO}/HPSv2/model.safetensors", None)
     ModelConfig(model_id="laion/CLIP-ViT-H-14-laion2B-s32B-b79K").resolve(["*.json"])

@@ -62,6 +62,8 @@ class _Net(torch.nn.Module):
         ("hf:owner/repo@main", W.WeightSource("hf", "owner/repo", None, "main")),
         ("ms:owner/repo", W.WeightSource("ms", "owner/repo", None)),
         ("ms:owner/repo@abc123/x/y.pth", W.WeightSource("ms", "owner/repo", "x/y.pth", "abc123")),
+        ("ms:owner/repo/PickScore/", W.WeightSource("ms", "owner/repo", "PickScore/")),
+        ("hf:owner/repo@v2/a/b/", W.WeightSource("hf", "owner/repo", "a/b/", "v2")),
     ],
 )
 def test_parse_hub_forms(spec: str, expected: W.WeightSource) -> None:
@@ -390,3 +392,17 @@ def test_drop_keys() -> None:
     assert W.drop_keys(state, ["a", "zzz"]) == {"b": 2, "logit_scale": 3}
     assert W.drop_keys(state, "logit_scale") == {"a": 1, "b": 2}
     assert W.drop_keys(state, lambda k: k.startswith("logit")) == {"a": 1, "b": 2}
+
+
+def test_hub_sub_folder_downloads_only_that_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import huggingface_hub
+
+    calls: list = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _recorder(calls, str(tmp_path)))
+    path = W.resolve_weights("hf:owner/repo/PickScore/", allow_patterns=["*.json", "*.txt"])
+    assert path == tmp_path / "PickScore"
+    assert calls[0][1]["allow_patterns"] == ["PickScore/*.json", "PickScore/*.txt"]
+    ms_calls: list = []
+    _fake_modelscope(monkeypatch, ms_calls, str(tmp_path))
+    assert W.resolve_weights("ms:owner/repo/a/b/") == tmp_path / "a" / "b"
+    assert ms_calls == [("snapshot", "owner/repo", None, ["a/b/*"], False)]

@@ -139,16 +139,13 @@ class ModelConfig:
         """
         spec = self.to_spec()
         patterns = None if allow_patterns is None else list(allow_patterns)
-        if _weights.parse_weight_spec(spec).kind == "local" or not self._is_folder_or_glob():
+        pattern = self._pattern()
+        is_glob = pattern is not None and any(c in pattern for c in "*?[")
+        if _weights.parse_weight_spec(spec).kind == "local" or not is_glob:  # files and "sub/folder/" specs
             return _weights.resolve_weights(spec, allow_patterns=patterns, what="ModelConfig")
-        pattern = str(self._pattern())  # a hub folder or glob: fetch the matching part of the repo
-        folder = pattern.endswith("/")
-        patterns = [pattern + p for p in (patterns or ["*"])] if folder else [pattern]
-        repo = _weights.resolve_weights(f"{self.source()}:{self.model_id}", allow_patterns=patterns,
+        repo = _weights.resolve_weights(f"{self.source()}:{self.model_id}", allow_patterns=[str(pattern)],
                                         what="ModelConfig")
-        if folder:
-            return repo / pattern.rstrip("/")
-        matches = sorted(glob.glob(str(repo / pattern)))
+        matches = sorted(glob.glob(str(repo / str(pattern))))
         if len(matches) != 1:
             raise FileNotFoundError(f"ModelConfig: {self.model_id}/{pattern} matched {len(matches)} files, need 1")
         return Path(matches[0])
