@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+from rewardkit.compose import ComposedReward, compose
 from rewardkit.protocols import DistributionMetric, Reward, RewardFn, RewardOutput
 from rewardkit.registry import Entry, list_rewards, load, register
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistributionMetric", "Entry", "Reward", "RewardFn", "RewardOutput",
-    "list_rewards", "load", "register", "__version__",
+    "ComposedReward", "DistributionMetric", "Entry", "Reward", "RewardFn", "RewardOutput",
+    "compose", "list_rewards", "load", "register", "__version__",
 ]

@@ -1,0 +1,143 @@
+"""Weighted composition: weights, normalisation modes (hand-computed), NaN policies, state, gradients."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import rewardkit as rk
+import rewardkit.testing as rkt
+from rewardkit.compose import ComposedReward, compose
+from rewardkit.protocols import Reward, RewardOutput
+
+
+class Table(Reward):
+    """Returns fixed per-row values (NaN allowed): a reward whose output we know exactly."""
+
+    requires_prompt = False
+    differentiable = False
+
+    def __init__(self, name: str, values: list[float]) -> None:
+        super().__init__()
+        self.name = name
+        self.values = values
+
+    def score(self, images, prompts, **context):
+        return RewardOutput(torch.tensor(self.values[: images.shape[0]], dtype=torch.float32))
+
+
+class Brightness(Reward):
+    """Differentiable: mean pixel value."""
+
+    requires_prompt = False
+    name = "brightness"
+
+    def score(self, images, prompts, **context):
+        return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+
+IMAGES = torch.full((3, 3, 8, 8), 0.5)
+
+
+def test_weighted_sum_and_parts() -> None:
+    reward = compose({Table("a", [1.0, 2.0, 3.0]): 2.0, Table("b", [10.0, 0.0, -10.0]): 0.5})
+    out = reward.evaluate(IMAGES)
+    torch.testing.assert_close(out.scores, torch.tensor([7.0, 4.0, 1.0]))
+    torch.testing.assert_close(out.details["a"], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(out.details["b/normalized"], torch.tensor([10.0, 0.0, -10.0]))
+    assert isinstance(reward, rk.RewardFn) and not reward.differentiable and not reward.requires_prompt
+
+
+def test_normalized_weights_sum_to_one() -> None:
+    reward = compose({Table("a", [1.0, 1.0, 1.0]): 3.0, Table("b", [0.0, 0.0, 0.0]): 1.0}, normalize_weights=True)
+    assert reward.weights == {"a": 0.75, "b": 0.25}
+    torch.testing.assert_close(reward(IMAGES), torch.full((3,), 0.75))
+
+
+def test_affine_normalisation() -> None:
+    reward = compose({Table("a", [20.0, 22.0, 18.0]): 1.0}, normalize="affine", affine={"a": (20.0, 2.0)})
+    torch.testing.assert_close(reward(IMAGES), torch.tensor([0.0, 1.0, -1.0]))
+
+
+def test_zscore_uses_running_statistics_over_all_batches() -> None:
+    part = Table("a", [1.0, 2.0, 3.0])
+    reward = compose({part: 1.0}, normalize="zscore")
+    first = reward(IMAGES)
+    mean, std = 2.0, (2 / 3) ** 0.5  # population statistics of [1, 2, 3]
+    torch.testing.assert_close(first, (torch.tensor([1.0, 2.0, 3.0]) - mean) / (std + 1e-6))
+    part.values = [5.0, 5.0, 5.0]
+    second = reward(IMAGES)
+    seen = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    expected = (5.0 - seen.mean()) / (seen.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(second, torch.full((3,), expected.item()), rtol=1e-6, atol=1e-6)
+
+
+def test_zscore_state_dict_round_trip_resumes_statistics() -> None:
+    reward = compose({Table("a", [1.0, 2.0, 3.0]): 1.0}, normalize="zscore")
+    reward(IMAGES)
+    resumed = compose({Table("a", [4.0, 4.0, 4.0]): 1.0}, normalize="zscore")
+    resumed.load_state_dict(reward.state_dict())
+    assert resumed.stats["a"].count.item() == 3
+    reward.parts["a"].values = [4.0, 4.0, 4.0]
+    torch.testing.assert_close(resumed(IMAGES), reward(IMAGES))
+
+
+def test_frozen_statistics_do_not_move() -> None:
+    reward = compose({Table("a", [1.0, 2.0, 3.0]): 1.0}, normalize="zscore")
+    reward(IMAGES)
+    reward.update_stats = False
+    reward(IMAGES)
+    assert reward.stats["a"].count.item() == 3
+
+
+def test_nan_skip_renormalises_over_the_available_parts() -> None:
+    a, b = Table("a", [1.0, float("nan"), float("nan")]), Table("b", [3.0, 4.0, float("nan")])
+    reward = compose({a: 1.0, b: 3.0})
+    with pytest.warns(UserWarning, match=r"rows \[2\]"):
+        total = reward(IMAGES)
+    assert total[0].item() == pytest.approx(1.0 + 9.0)
+    assert total[1].item() == pytest.approx(3.0 * 4.0 * (4.0 / 3.0))  # weight mass 4 of 4, 3 present
+    assert torch.isnan(total[2])
+
+
+def test_nan_propagate_nans_the_row() -> None:
+    reward = compose({Table("a", [1.0, float("nan"), 2.0]): 1.0, Table("b", [1.0, 1.0, 1.0]): 1.0}, nan_policy="propagate")
+    total = reward(IMAGES)
+    assert total[0].item() == 2.0 and torch.isnan(total[1]) and total[2].item() == 3.0
+
+
+def test_gradients_flow_through_a_differentiable_composition(tiny_reward) -> None:
+    reward = compose({Brightness(): 1.0, tiny_reward("hpsv2"): 2.0})
+    assert reward.differentiable and reward.requires_prompt
+    images = rkt.random_images(2, 32, 32).requires_grad_(True)
+    reward(images, "an owl").sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_names_load_from_the_registry_and_the_result_pickles(tiny_root) -> None:
+    options = {"hpsv2": rkt.tiny_hpsv2(tiny_root / "compose")}
+    reward = compose({"hpsv2": 1.0, Table("t", [0.5, 0.5, 0.5]): 1.0}, load_options=options)
+    images = rkt.random_images(3, 32, 32)
+    expected = rk.load("hpsv2", **options["hpsv2"])(images, "a cat") + 0.5
+    torch.testing.assert_close(reward(images, "a cat"), expected)
+    clone = pickle.loads(pickle.dumps(reward))
+    torch.testing.assert_close(clone(images, "a cat"), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_configurations_raise() -> None:
+    with pytest.raises(KeyError, match="did you mean"):
+        compose({"pickscor": 1.0})
+    with pytest.raises(ValueError, match="finite number"):
+        compose({Table("a", [1.0]): "heavy"})
+    with pytest.raises(ValueError, match="affine"):
+        compose({Table("a", [1.0]): 1.0}, normalize="affine")
+    with pytest.raises(ValueError, match="normalize must be"):
+        compose({Table("a", [1.0]): 1.0}, normalize="minmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="two members"):
+        compose({Table("a", [1.0]): 1.0, Table("a", [2.0]): 1.0})
+    with pytest.raises(ValueError, match="at least one"):
+        ComposedReward({}, {})
+    with pytest.raises(ValueError, match="non-zero sum"):
+        compose({Table("a", [1.0]): 1.0, Table("b", [1.0]): -1.0}, normalize_weights=True)
