@@ -135,12 +135,16 @@ class ComposedReward(Reward):
             weighted.append(torch.where(finite, weight * normalized, torch.zeros_like(normalized)))
             masses.append(finite.to(normalized.dtype) * abs(weight))
         total = torch.stack(weighted).sum(0)  # (B,)
-        present = torch.stack(masses).sum(0)  # (B,) weight mass of the finite parts per row
-        full = sum(abs(w) for w in self.weights.values())
+        masses_all = torch.stack(masses)  # (parts, B)
+        present = masses_all.sum(0)  # (B,) weight mass of the finite parts per row
+        complete = (masses_all > 0).sum(0) == sum(1 for w in self.weights.values() if w != 0)  # no NaN part
+        nan = torch.full_like(total, float("nan"))
         if self.nan_policy == "propagate":
-            total = torch.where(present == full, total, torch.full_like(total, float("nan")))
-        else:
-            total = torch.where(present > 0, total * (full / present.clamp_min(1e-30)), torch.full_like(total, float("nan")))
+            total = torch.where(complete, total, nan)
+        else:  # rescale only the incomplete rows, so complete rows are exactly the weighted sum
+            full = sum(abs(w) for w in self.weights.values())
+            rescaled = total * (full / present.clamp_min(1e-30))
+            total = torch.where(complete, total, torch.where(present > 0, rescaled, nan))
         empty = (present == 0).nonzero().flatten().tolist()
         if empty:
             warnings.warn(f"{self.name}: rows {empty} have no finite part; their total is NaN", stacklevel=3)

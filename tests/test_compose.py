@@ -141,3 +141,8 @@ def test_bad_configurations_raise() -> None:
         ComposedReward({}, {})
     with pytest.raises(ValueError, match="non-zero sum"):
         compose({Table("a", [1.0]): 1.0, Table("b", [1.0]): -1.0}, normalize_weights=True)
+
+
+def test_weights_that_do_not_sum_exactly_in_float32_keep_complete_rows() -> None:
+    reward = compose({Table("a", [1.0, 2.0, 3.0]): 0.1, Table("b", [1.0, 1.0, 1.0]): 0.2}, nan_policy="propagate")
+    torch.testing.assert_close(reward(IMAGES), torch.tensor([0.3, 0.4, 0.5]))
