@@ -9,6 +9,10 @@
   restored with ``state_dict`` and all-reduced across processes when ``torch.distributed`` is
   initialised (then every rank must call the composed reward the same number of times).
 
+Parts that expose the shared-feature protocol and return the same ``feature_key`` (CLIP-family
+rewards on one image tower with the same preprocessing and precision) compute the image features
+once per call.
+
 NaN in a part means "not applicable to this row" (TRL's ``None``). ``nan_policy="skip"`` (default)
 drops that part from the row and rescales the remaining weights to the row's full weight mass
 (``sum |w|``); a row with no finite part is NaN (with a warning naming the rows).
@@ -124,8 +128,9 @@ class ComposedReward(Reward):
     def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
         details: dict[str, Any] = {}
         weighted, masses = [], []
+        shared: dict[Any, Any] = {}  # feature_key -> features, computed once per call
         for name in self.part_names:
-            raw = self._part(name)(images, prompts, **context).float()  # (B,)
+            raw = self._raw_score(name, images, prompts, shared, context).float()  # (B,)
             if raw.shape != (images.shape[0],):
                 raise ValueError(f"compose: part {name!r} returned shape {tuple(raw.shape)}, expected ({images.shape[0]},)")
             normalized = self._normalized(name, raw)
@@ -149,6 +154,19 @@ class ComposedReward(Reward):
         if empty:
             warnings.warn(f"{self.name}: rows {empty} have no finite part; their total is NaN", stacklevel=3)
         return RewardOutput(total, details)
+
+    def _raw_score(self, name: str, images: torch.Tensor, prompts, shared: dict, context: dict) -> torch.Tensor:
+        """One part's scores; parts that expose the shared-feature protocol (``feature_key``,
+        ``features``, ``score_features``; e.g. CLIP rewards on one tower with one preprocessing) run
+        their backbone once per call for all of them."""
+        part = self._part(name)
+        key = part.feature_key(images) if hasattr(part, "feature_key") else None
+        if key is None:
+            return part(images, prompts, **context)
+        if key not in shared:
+            shared[key] = part.features(images)
+        part_prompts = prompts if getattr(part, "requires_prompt", True) else None
+        return part.score_features(shared[key], part_prompts).scores.to(images.device)
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, normalize={self.normalize!r}, nan_policy={self.nan_policy!r}"

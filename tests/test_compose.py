@@ -146,3 +146,28 @@ def test_bad_configurations_raise() -> None:
 def test_weights_that_do_not_sum_exactly_in_float32_keep_complete_rows() -> None:
     reward = compose({Table("a", [1.0, 2.0, 3.0]): 0.1, Table("b", [1.0, 1.0, 1.0]): 0.2}, nan_policy="propagate")
     torch.testing.assert_close(reward(IMAGES), torch.tensor([0.3, 0.4, 0.5]))
+
+
+def test_parts_sharing_a_tower_run_it_once(tiny_root) -> None:
+    weights = rkt.tiny_clip_score(tiny_root / "compose-shared")["weights"]
+    paper, hundred = rk.load("clip-score", weights=weights), rk.load("clip-score", weights=weights, scale=100)
+    hundred.name = "clip-score-100"
+    assert paper.towers is hundred.towers
+    calls = []
+    original = paper.towers.encode_image
+
+    def counting(pixels):
+        calls.append(pixels.shape[0])
+        return original(pixels)
+
+    paper.towers.encode_image = counting
+    images = rkt.random_images(6, 48, 40, seed=1).requires_grad_(True)
+    prompts = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a cat", "mountains at dawn", "an owl"]
+    out = compose({paper: 1.0, hundred: 0.5}).evaluate(images, prompts)
+    assert calls == [6], "one image-tower pass for both parts"
+    assert (out.details["clip-score"] > 0).any(), "some rows must be above the clamp for the gradient check"
+    separate = paper(images, prompts) + 0.5 * hundred(images, prompts)
+    torch.testing.assert_close(out.scores, separate, rtol=1e-6, atol=1e-6)
+    out.scores.sum().backward()
+    assert images.grad.abs().sum() > 0
+    del paper.towers.encode_image

@@ -339,15 +339,27 @@ class ClipEmbeddingReward(Reward):
 
     def score_pixels(self, pixels: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
         """Score already-preprocessed pixels (either path) on the model's device."""
-        image_embeds = self.image_embeds(pixels.to(self.device))
-        text_embeds = self.text_embeds(prompts) if self.requires_prompt else None
-        scores, details = self.head(image_embeds, text_embeds)
-        return RewardOutput(scores.float(), details)
+        return self.score_features(self.image_embeds(pixels.to(self.device)), prompts)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
         """Tensor path: differentiable antialiased resize/crop/normalise, then the towers."""
-        out = self.score_pixels(preprocess(images.to(self.device), self.spec), prompts)
+        out = self.score_features(self.features(images), prompts)
         return RewardOutput(out.scores.to(images.device), out.details)
+
+    # Shared-feature protocol, used by rk.compose to run one image tower for several parts.
+    def feature_key(self, images: torch.Tensor) -> tuple:
+        """Parts with equal keys compute the same ``features(images)`` (same tower, preprocessing, precision)."""
+        return ("clip-image-embeds", id(self.towers), self.spec, self.autocast_dtype)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Validated images ``(B, 3, H, W)`` -> normalised float32 image embeddings ``(B, D)`` (tensor path)."""
+        return self.image_embeds(preprocess(images.to(self.device), self.spec))
+
+    def score_features(self, image_embeds: torch.Tensor, prompts: list[str] | None) -> RewardOutput:
+        """Scores from ``features(...)`` output: float32 ``(B,)`` on the model's device."""
+        text_embeds = self.text_embeds(prompts) if self.requires_prompt else None
+        scores, details = self.head(image_embeds, text_embeds)
+        return RewardOutput(scores.float(), details)
 
     def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None) -> RewardOutput:
         """Exact path: upstream PIL preprocessing for PIL images or image files (any sizes).
