@@ -171,3 +171,27 @@ def test_parts_sharing_a_tower_run_it_once(tiny_root) -> None:
     out.scores.sum().backward()
     assert images.grad.abs().sum() > 0
     del paper.towers.encode_image
+
+
+def test_zscore_statistics_are_all_reduced_across_two_processes(tmp_path) -> None:
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "distributed" / "compose_zscore_worker.py"
+    out = tmp_path / "result"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
+               str(worker), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    seen = torch.tensor([1.0, 2.0, 4.0, 5.0, 6.0], dtype=torch.float64)  # NaN ignored
+    for row in ranks:
+        assert row["count"] == 5
+        assert row["mean"] == pytest.approx(seen.mean().item())
+        assert row["std"] == pytest.approx(seen.std(unbiased=False).item())
+    expected_rank1 = ((torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64) - seen.mean()) / (seen.std(unbiased=False) + 1e-6))
+    assert ranks[1]["scores"] == pytest.approx(expected_rank1.tolist(), rel=1e-6)
+    assert math.isnan(ranks[0]["scores"][2])
