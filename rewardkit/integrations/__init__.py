@@ -1,0 +1,1 @@
+"""Adapters from rewardkit rewards to the contracts of training code bases (DDPO, TRL, callbacks)."""
