@@ -1,0 +1,69 @@
+"""Group-relative advantages: hand-computed values, NaN rows, options, and two processes = one."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rewardkit.integrations.advantages import per_prompt_advantages
+
+SCORES = [1.0, 2.0, 3.0, 10.0, 20.0, float("nan"), 4.0, 30.0]
+PROMPTS = ["a", "a", "a", "b", "b", "b", "a", "b"]
+
+
+def _reference(std: str) -> list[float]:
+    """ddpo-pytorch / flow_grpo PerPromptStatTracker semantics with numpy (population std), NaN rows excluded."""
+    scores, prompts = np.array(SCORES), np.array(PROMPTS)
+    finite_all = scores[np.isfinite(scores)]
+    out = np.full_like(scores, np.nan)
+    for prompt in ("a", "b"):
+        rows = prompts == prompt
+        group = scores[rows][np.isfinite(scores[rows])]
+        scale = {"group": np.std(group), "global": np.std(finite_all), "none": None}[std]
+        centred = scores[rows] - np.mean(group)
+        out[rows] = centred if scale is None else centred / (scale + 1e-4)
+    return out.tolist()
+
+
+@pytest.mark.parametrize("std", ["group", "global", "none"])
+def test_advantages_equal_the_numpy_reference(std: str) -> None:
+    ours = per_prompt_advantages(torch.tensor(SCORES), PROMPTS, std=std)
+    np.testing.assert_allclose(ours.numpy(), _reference(std), rtol=1e-6)
+    assert math.isnan(ours[5])
+
+
+def test_unbiased_std_and_clipping() -> None:
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ours = per_prompt_advantages(scores, ["p"] * 4, unbiased=True)
+    torch.testing.assert_close(ours, (scores - 2.5) / (scores.std() + 1e-4))  # TRL: torch.std
+    clipped = per_prompt_advantages(scores, ["p"] * 4, clip=1.0)
+    assert clipped.abs().max() <= 1.0
+
+
+def test_single_member_group_gets_zero_and_bad_input_raises() -> None:
+    assert per_prompt_advantages(torch.tensor([5.0]), ["only"]).item() == 0.0
+    with pytest.raises(ValueError, match="B prompts"):
+        per_prompt_advantages(torch.tensor([1.0, 2.0]), ["a"])
+    with pytest.raises(ValueError, match="std must be"):
+        per_prompt_advantages(torch.tensor([1.0]), ["a"], std="batch")  # type: ignore[arg-type]
+
+
+def test_two_processes_with_uneven_batches_equal_one_process(tmp_path: Path) -> None:
+    worker = Path(__file__).parent / "distributed" / "advantages_worker.py"
+    out = tmp_path / "result"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29514",
+               str(worker), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    for std in ("group", "global", "none"):
+        combined = ranks[0][std] + ranks[1][std]
+        single = per_prompt_advantages(torch.tensor(SCORES), PROMPTS, std=std).tolist()
+        np.testing.assert_allclose(combined, single, rtol=1e-6)
