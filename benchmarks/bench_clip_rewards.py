@@ -799,13 +799,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s "
               f"(other processes: {results[-1]['other_cores']:.2f} cores)", flush=True)
         print("\n".join(speed_table(results[-1:])), flush=True)
-    report = render(results, args, arch, header)
+        report = write_report(results, args, arch, header)  # after every reward: a long run keeps its part
     print(report)
+    print(f"written to {args.out} and {args.out.with_suffix('.json')}")
+
+
+def write_report(results: list[dict], args: argparse.Namespace, arch: Arch, header: list[str]) -> str:
+    report = render(results, args, arch, header)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    raw = args.out.with_suffix(".json")
-    raw.write_text(json.dumps(raw_results(results, args), indent=1))
-    print(f"written to {args.out} and {raw}")
+    args.out.with_suffix(".json").write_text(json.dumps(raw_results(results, args), indent=1))
+    return report
 
 
 def raw_results(results: list[dict], args: argparse.Namespace) -> dict[str, Any]:
