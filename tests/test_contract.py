@@ -128,6 +128,7 @@ BAD_IMAGES = {
     "above-one": (lambda x: x * 255, ValueError, r"\[0, 255\]"),
     "minus-one-to-one": (lambda x: x * 2 - 1, ValueError, r"\[-1, 1\]"),
     "nan": (lambda x: x.masked_fill(x > 0.9, float("nan")), ValueError, "NaN"),
+    "inf": (lambda x: x.masked_fill(x > 0.9, float("inf")), ValueError, "NaN/inf"),
     "empty": (lambda x: x[:0], ValueError, "empty batch"),
     "three-dims": (lambda x: x[0], ValueError, "batch dimension"),
     "numpy": (lambda x: x.numpy(), TypeError, "to_tensor"),
