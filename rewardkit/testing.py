@@ -39,10 +39,7 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
     Built from ``open_clip/bpe_simple_vocab_16e6.txt.gz`` (the OpenAI CLIP BPE), so token ids equal
     those of ``openai/clip-vit-*`` and laion CLIP tokenizers.
     """
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    del open_clip  # imported for its packaged vocabulary file only
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # the vocabulary file open_clip ships
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : _NUM_MERGES + 1]

@@ -57,3 +57,24 @@ def tiny_reward(tiny_root: Path):
         return _REWARD_CACHE[key]
 
     return build
+
+
+@pytest.fixture
+def run_two_processes(tmp_path: Path):
+    """``run(worker_file_name, port)`` -> the JSON each of 2 CPU ranks wrote (``torch.distributed.run``, gloo).
+
+    Workers live in ``tests/distributed/`` and write ``<out>.<rank>`` given ``out`` as their argument.
+    """
+    import json
+    import subprocess
+    import sys
+
+    def run(worker: str, port: int) -> list:
+        out = tmp_path / "result"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(port), str(Path(__file__).parent / "distributed" / worker), str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+
+    return run

@@ -173,20 +173,10 @@ def test_parts_sharing_a_tower_run_it_once(tiny_root) -> None:
     del paper.towers.encode_image
 
 
-def test_zscore_statistics_are_all_reduced_across_two_processes(tmp_path) -> None:
-    import json
+def test_zscore_statistics_are_all_reduced_across_two_processes(run_two_processes) -> None:
     import math
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    worker = Path(__file__).parent / "distributed" / "compose_zscore_worker.py"
-    out = tmp_path / "result"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
-               str(worker), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    ranks = run_two_processes("compose_zscore_worker.py", 29513)
     seen = torch.tensor([1.0, 2.0, 4.0, 5.0, 6.0], dtype=torch.float64)  # NaN ignored
     for row in ranks:
         assert row["count"] == 5

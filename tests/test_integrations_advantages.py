@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,14 +51,8 @@ def test_single_member_group_gets_zero_and_bad_input_raises() -> None:
         per_prompt_advantages(torch.tensor([1.0]), ["a"], std="batch")  # type: ignore[arg-type]
 
 
-def test_two_processes_with_uneven_batches_equal_one_process(tmp_path: Path) -> None:
-    worker = Path(__file__).parent / "distributed" / "advantages_worker.py"
-    out = tmp_path / "result"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29514",
-               str(worker), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+def test_two_processes_with_uneven_batches_equal_one_process(run_two_processes) -> None:
+    ranks = run_two_processes("advantages_worker.py", 29514)
     for std in ("group", "global", "none"):
         combined = ranks[0][std] + ranks[1][std]
         single = per_prompt_advantages(torch.tensor(SCORES), PROMPTS, std=std).tolist()

@@ -15,7 +15,6 @@ on HF ViT features). Tolerances:
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rewardkit.errors import check_prompts
 from rewardkit.image_io import as_rgb_images
 from rewardkit.nets.clip import ClipTowers, HFClipTowers, OpenClipTowers, PromptEmbeddingCache, build_open_clip_model
 from rewardkit.precision import autocast_for, dtype_name, parse_dtype
@@ -371,8 +372,6 @@ class ClipEmbeddingReward(Reward):
         Returns:
             ``RewardOutput`` with float32 scores ``(B,)`` on the model's device.
         """
-        from rewardkit.errors import check_prompts
-
         items = images if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ValueError(f"{self.name}: expected at least one image, got an empty list")
