@@ -40,27 +40,38 @@ def test_duplicates_and_bad_targets_are_refused() -> None:
         register(Entry("new-reward", "thing", "m:f", "x"))  # type: ignore[arg-type]
 
 
-def make_constant_reward(weights=None, device=None, dtype=None, value: float = 1.0):
-    """A factory used through its dotted path below."""
+_USER_MODULE = """
+import torch
+
+from rewardkit.protocols import Reward, RewardOutput
+
+
+class Constant(Reward):
+    name = "constant"
+    requires_prompt = False
+    differentiable = False
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def score(self, images, prompts, **context):
+        return RewardOutput(torch.full((images.shape[0],), self.value))
+
+
+def make_constant_reward(weights=None, device=None, dtype=None, value=1.0):
+    return Constant(value).freeze()
+"""
+
+
+def test_dotted_path_factories_load_user_rewards(tmp_path, monkeypatch) -> None:
     import torch
 
-    from rewardkit.protocols import Reward, RewardOutput
-
-    class Constant(Reward):
-        name = "constant"
-        requires_prompt = False
-        differentiable = False
-
-        def score(self, images, prompts, **context):
-            return RewardOutput(torch.full((images.shape[0],), value))
-
-    return Constant().freeze()
-
-
-def test_dotted_path_factories_load_user_rewards() -> None:
-    import torch
-
-    reward = rk.load("tests.test_registry:make_constant_reward", value=3.0)
+    # A user's own module, importable from sys.path (a package named "tests" may exist in
+    # site-packages: torch-fidelity installs one, so this test must not rely on that name).
+    (tmp_path / "my_rewards_for_rk_test.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = rk.load("my_rewards_for_rk_test:make_constant_reward", value=3.0)
     assert reward(torch.zeros(2, 3, 8, 8)).tolist() == [3.0, 3.0]
 
 

@@ -1,4 +1,4 @@
-"""Tiny, seeded, randomly initialised checkpoints in the real formats, built offline.
+"""Tiny CLIP-family checkpoints (clip-score, PickScore, HPSv2, aesthetic, BioCLIP) in the real formats.
 
 Each ``tiny_<reward>(root, layout=...)`` writes a checkpoint under ``root`` exactly as the upstream
 project (``layout="upstream"``) or DiffSynth-Studio's ``ImageMetrics`` (``layout="diffsynth"``)
@@ -20,10 +20,14 @@ from typing import Any
 
 import torch
 
+from rewardkit.testing._common import check_layout as _check_layout
+from rewardkit.testing._common import save_safetensors as _save_safetensors
+from rewardkit.testing._common import spread_weights as _spread_weights
+
 __all__ = [
     "TINY_IMAGE_SIZE", "write_clip_tokenizer", "tiny_hf_clip_config", "tiny_open_clip_config",
     "write_hf_clip_folder", "tiny_clip_score", "tiny_pickscore", "tiny_hpsv2", "tiny_aesthetic",
-    "tiny_bioclip", "load_tiny", "random_images",
+    "tiny_bioclip",
 ]
 
 TINY_IMAGE_SIZE = 32
@@ -106,28 +110,6 @@ def _open_clip_model(seed: int) -> torch.nn.Module:
     model = build_open_clip_model(tiny_open_clip_config())
     _spread_weights(model, seed)
     return model.eval()
-
-
-def _spread_weights(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw every matrix with a larger spread so that every input moves the embedding.
-
-    Library initialisers (std 0.02 and less) make tiny towers nearly input-independent, and a parity
-    test on such weights proves little (DESIGN.md: random weights must be non-degenerate).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2 and "embedding" not in name:
-                fan_in = param[0].numel()
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
-
-
-def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-    return path
 
 
 def _with_position_ids(state: dict[str, torch.Tensor], vision: bool = True, text: bool = True) -> dict:
@@ -230,28 +212,3 @@ def tiny_bioclip(root: str | Path, layout: str = "upstream", seed: int = 4) -> d
     return {"weights": str(folder)}
 
 
-_BUILDERS = {"clip-score": tiny_clip_score, "pickscore": tiny_pickscore, "hpsv2": tiny_hpsv2,
-             "hpsv2.1": tiny_hpsv2, "aesthetic": tiny_aesthetic, "bioclip": tiny_bioclip}
-
-
-def _check_layout(layout: str, allowed: tuple[str, ...]) -> None:
-    if layout not in allowed:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {allowed}")
-
-
-def load_tiny(name: str, root: str | Path, layout: str = "upstream", **options: Any) -> Any:
-    """``rk.load(name, **tiny_<name>(root, layout), **options)``: a tiny random reward, offline."""
-    from rewardkit.registry import get_entry, load
-
-    entry = get_entry(name)
-    builder = globals().get(entry.tiny or "") or _BUILDERS.get(name)
-    if builder is None:
-        raise KeyError(f"no tiny builder for {name!r}")
-    return load(name, **builder(Path(root) / name, layout=layout), **options)
-
-
-def random_images(batch: int, height: int = 48, width: int = 40, seed: int = 0) -> torch.Tensor:
-    """Smooth random images ``(B, 3, H, W)`` in ``[0, 1]`` (low-frequency noise, not white noise)."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, 3, max(2, height // 8), max(2, width // 8), generator=generator)
-    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)

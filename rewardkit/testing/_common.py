@@ -1,0 +1,38 @@
+"""Helpers shared by the tiny-checkpoint builders of every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["check_layout", "save_safetensors", "spread_weights"]
+
+
+def check_layout(layout: str, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``layout`` is one of ``allowed``."""
+    if layout not in allowed:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {allowed}")
+
+
+def spread_weights(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every matrix with a larger spread so that every input moves the output.
+
+    Library initialisers (std 0.02 and less) make tiny towers nearly input-independent, and a parity
+    test on such weights proves little (DESIGN.md: random weights must be non-degenerate).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2 and "embedding" not in name:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write ``state`` (contiguous, detached) to ``path`` as safetensors, creating parent folders."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+    return path
