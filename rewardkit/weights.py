@@ -1,7 +1,9 @@
 """Weight I/O: resolve a weight spec (local path, ``hf:`` or ``ms:`` repo), verify sha256, load strictly.
 
 Accepted spec forms: a local file or folder; ``hf:owner/repo``, ``hf:owner/repo/sub/file.safetensors``,
-``hf:owner/repo@revision/file``; the same with ``ms:`` for ModelScope. ``huggingface_hub`` and
+``hf:owner/repo@revision/file``; the same with ``ms:`` for ModelScope; an ``https://`` URL of one file
+(cached in torch.hub's ``checkpoints`` folder, the folder torchvision, pytorch-fid and lpips use, so a
+file one of them already downloaded is reused). ``huggingface_hub`` and
 ``modelscope`` are imported only when a download is asked for, so ``import rewardkit`` stays light.
 """
 
@@ -23,7 +25,7 @@ __all__ = ["CheckpointMismatchError", "WeightSource", "drop_keys", "file_sha256"
 _SPEC_FORMS = (
     "a local file or folder path, 'hf:owner/repo', 'hf:owner/repo/path/in/repo.safetensors', "
     "'hf:owner/repo@revision/path/in/repo.safetensors', 'hf:owner/repo/sub/folder/' (a folder in the repo), "
-    "or the same with 'ms:' for ModelScope"
+    "the same with 'ms:' for ModelScope, or an https:// URL of one file"
 )
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "REWARDKIT_OFFLINE")
 _TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
@@ -37,14 +39,14 @@ _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 class WeightSource:
     """Where weights live. ``filename`` is a path inside the repo (None = whole repo / the local path)."""
 
-    kind: Literal["local", "hf", "ms"]
+    kind: Literal["local", "hf", "ms", "url"]
     location: str
     filename: str | None
     revision: str | None = None
 
 
 def _spec_str(src: WeightSource) -> str:
-    if src.kind == "local":
+    if src.kind in ("local", "url"):
         return src.location
     rev = f"@{src.revision}" if src.revision else ""
     return f"{src.kind}:{src.location}{rev}" + (f"/{src.filename}" if src.filename else "")
@@ -61,6 +63,8 @@ def parse_weight_spec(spec: str | os.PathLike) -> WeightSource:
         return WeightSource("local", str(pathlib.Path(spec).expanduser()), None)
     if not isinstance(spec, str):
         raise TypeError(f"weight spec must be a str or path, got {type(spec).__name__}; expected {_SPEC_FORMS}")
+    if spec.startswith(("https://", "http://")):
+        return WeightSource("url", spec, None)
     kind = spec[:2]
     if kind not in ("hf", "ms") or spec[2:3] != ":":
         return WeightSource("local", str(pathlib.Path(spec).expanduser()), None)
@@ -163,6 +167,35 @@ def _resolve_ms(src: WeightSource, allow_patterns: list[str] | None, what: str) 
     return pathlib.Path(out)
 
 
+def _resolve_url(src: WeightSource, what: str) -> pathlib.Path:
+    """Download one file by URL into torch.hub's checkpoint folder (once), like torchvision does."""
+    import re
+    import urllib.parse
+
+    name = pathlib.PurePosixPath(urllib.parse.urlparse(src.location).path).name
+    if not name:
+        raise ValueError(f"{what}: URL {src.location!r} does not end in a file name")
+    target = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / name
+    if target.is_file():
+        return target
+    on = _offline_vars_set()
+    if on:
+        raise FileNotFoundError(
+            f"{what}: {src.location} is not in the local cache ({target}) and offline mode is on "
+            f"({', '.join(on)} set); download it there first, pass a local path with weights=..., "
+            f"or unset {'/'.join(on)}"
+        )
+    # torch.hub's convention: "name-<8+ hex digits>.ext" carries a sha256 prefix that is checked.
+    match = re.search(r"-([a-f0-9]{8,})\.", name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(src.location, str(target), hash_prefix=match.group(1) if match else None)
+    except Exception as exc:  # network errors come in many types; keep the cause chained
+        raise RuntimeError(f"{what}: downloading {src.location} failed ({type(exc).__name__}: {exc}); "
+                           f"download it to {target} yourself or pass a local path with weights=...") from exc
+    return target
+
+
 def resolve_weights(spec: str | os.PathLike, *, allow_patterns: list[str] | None = None,
                     sha256: str | None = None, what: str = "weights") -> pathlib.Path:
     """Resolve a weight spec to a local file or folder, downloading through the hub client if needed.
@@ -187,6 +220,8 @@ def resolve_weights(spec: str | os.PathLike, *, allow_patterns: list[str] | None
                 f"{what}: local path {str(path)!r} does not exist; pass an existing file or folder, "
                 f"or a hub spec ({_SPEC_FORMS})"
             )
+    elif src.kind == "url":
+        path = _resolve_url(src, what)
     elif src.kind == "hf":
         path = _resolve_hf(src, allow_patterns, what)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import sys
 import types
 
@@ -406,3 +407,36 @@ def test_hub_sub_folder_downloads_only_that_folder(monkeypatch: pytest.MonkeyPat
     _fake_modelscope(monkeypatch, ms_calls, str(tmp_path))
     assert W.resolve_weights("ms:owner/repo/a/b/") == tmp_path / "a" / "b"
     assert ms_calls == [("snapshot", "owner/repo", None, ["a/b/*"], False)]
+
+
+def test_url_uses_torch_hub_checkpoint_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    cached = tmp_path / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    cached.parent.mkdir()
+    cached.write_bytes(b"x")
+    url = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+    assert W.parse_weight_spec(url) == W.WeightSource("url", url, None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert W.resolve_weights(url) == cached  # offline but cached: no download
+
+
+def test_url_offline_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("REWARDKIT_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="offline mode is on.*download it there first"):
+        W.resolve_weights("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", what="LPIPS trunk")
+
+
+def test_url_online_downloads_with_hash_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None):
+        calls.append((url, hash_prefix))
+        pathlib.Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    path = W.resolve_weights("https://download.pytorch.org/models/vgg16-397923af.pth")
+    assert path.read_bytes() == b"weights" and calls == [("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af")]
+    W.resolve_weights("https://download.pytorch.org/models/vgg16-397923af.pth")
+    assert len(calls) == 1, "a cached file must not be downloaded again"
