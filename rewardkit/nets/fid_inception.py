@@ -1,0 +1,138 @@
+"""The FID Inception-v3: TensorFlow's ``inception-2015-12-05`` graph as the PyTorch FID packages port it.
+
+Every FID implementation in use (TTUR, pytorch-fid, torch-fidelity, torchmetrics, clean-fid, ADM)
+embeds images with the Inception-v3 graph of ``inception-2015-12-05.tgz``. Its PyTorch port differs
+from ``torchvision.models.inception_v3`` in three places (pytorch-fid ``src/pytorch_fid/inception.py``
+``fid_inception_v3`` / ``FIDInception{A,C,E_1,E_2}``; torch-fidelity
+``torch_fidelity/feature_extractor_inceptionv3.py`` ``InceptionA/C/E_1/E_2``):
+
+* the pool branch of Mixed_5b-5d (InceptionA), Mixed_6b-6e (InceptionC) and Mixed_7b (first
+  InceptionE) is ``avg_pool2d(3, 1, 1, count_include_pad=False)``: TF's "SAME" average pool ignores
+  the padded zeros;
+* the pool branch of Mixed_7c (second InceptionE) is ``max_pool2d(3, 1, 1)`` (an oddity of the graph);
+* the classifier ``fc`` has 1008 outputs (1000 ImageNet classes + 8 unused), and there is no AuxLogits.
+
+The state-dict keys are torchvision's (``Conv2d_1a_3x3.conv.weight`` ... ``Mixed_7c.branch_pool.bn.*``,
+``fc.weight`` [1008, 2048], ``fc.bias`` [1008]): 566 keys with the 94 BatchNorm ``num_batches_tracked``
+buffers, exactly the keys of ``torchvision.models.inception_v3(weights=None, aux_logits=False,
+num_classes=1008, init_weights=False)``. The blocks below subclass torchvision's and change only the
+pool branch.
+
+Architecture only: no file paths, no downloads (see ``rewardkit.metrics.inception`` for loading).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import inception as tv_inception
+
+__all__ = ["FIDInceptionV3", "FID_INCEPTION_NUM_CLASSES", "FID_INCEPTION_FEATURE_DIM", "FID_INCEPTION_INPUT_SIZE"]
+
+FID_INCEPTION_NUM_CLASSES = 1008  # TF graph softmax width: 1000 ImageNet classes + 8 unused (pytorch-fid)
+FID_INCEPTION_FEATURE_DIM = 2048  # "pool_3:0" width
+FID_INCEPTION_INPUT_SIZE = 299  # the graph's input side after its resize
+_POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING = 3, 1, 1  # the pool branch of Inception A/C/E (same spatial size)
+_MIXED_7C_IN_CHANNELS = 2048  # Mixed_7b has 1280 input channels, Mixed_7c 2048
+
+
+def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """TF "SAME" 3x3 average pool: padded zeros are not counted in the mean."""
+    return F.avg_pool2d(x, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING, count_include_pad=False)
+
+
+class FIDInceptionA(tv_inception.InceptionA):
+    """torchvision ``InceptionA`` whose pool branch ignores padding (Mixed_5b, 5c, 5d)."""
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(_tf_avg_pool(x))]
+
+
+class FIDInceptionC(tv_inception.InceptionC):
+    """torchvision ``InceptionC`` whose pool branch ignores padding (Mixed_6b-6e)."""
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            branch7x7dbl = layer(branch7x7dbl)
+        return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(_tf_avg_pool(x))]
+
+
+class FIDInceptionE(tv_inception.InceptionE):
+    """torchvision ``InceptionE`` with the FID pool branch.
+
+    Args:
+        in_channels: 1280 for Mixed_7b, 2048 for Mixed_7c.
+        conv_block: torchvision's ``BasicConv2d`` (or a compatible block).
+        max_pool: False (Mixed_7b) = average pool ignoring padding; True (Mixed_7c) = 3x3 max pool.
+    """
+
+    def __init__(self, in_channels: int, conv_block: Callable[..., nn.Module] | None = None,
+                 max_pool: bool = False) -> None:
+        super().__init__(in_channels, conv_block=conv_block)
+        self.max_pool = max_pool
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        if self.max_pool:
+            pooled = F.max_pool2d(x, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING)
+        else:
+            pooled = _tf_avg_pool(x)
+        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)]
+
+
+def _fid_inception_e(in_channels: int, conv_block: Callable[..., nn.Module] | None = None) -> FIDInceptionE:
+    """torchvision builds Mixed_7b and Mixed_7c from one class; the FID graph differs between them."""
+    return FIDInceptionE(in_channels, conv_block, max_pool=in_channels == _MIXED_7C_IN_CHANNELS)
+
+
+class FIDInceptionV3(tv_inception.Inception3):
+    """The FID Inception-v3 (TF ``inception-2015-12-05``) with torchvision's module and key names.
+
+    ``forward`` returns the 2048-d "pool_3" features; :meth:`logits_unbiased` gives the 1008 logits
+    without the fc bias that the Inception Score uses (torch-fidelity, torchmetrics, ADM).
+    """
+
+    def __init__(self) -> None:
+        blocks = [tv_inception.BasicConv2d, FIDInceptionA, tv_inception.InceptionB, FIDInceptionC,
+                  tv_inception.InceptionD, _fid_inception_e, tv_inception.InceptionAux]
+        super().__init__(num_classes=FID_INCEPTION_NUM_CLASSES, aux_logits=False, transform_input=False,
+                         inception_blocks=blocks, init_weights=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Network-ready input -> pool3 features.
+
+        Args:
+            x: float ``(B, 3, 299, 299)`` already scaled to the network's range (``(x - 128) / 128`` of
+                0-255 pixels, about ``[-1, 1]``), see ``rewardkit.metrics.fid_presets``.
+
+        Returns:
+            float32 ``(B, 2048)`` pool3 features (after the final ReLU and 8x8 average pool, so >= 0).
+        """
+        for stem in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
+                     self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2):
+            x = stem(x)
+        for mixed in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = mixed(x)
+        return torch.flatten(self.avgpool(x), 1).to(torch.float32)
+
+    def logits_unbiased(self, pool3: torch.Tensor) -> torch.Tensor:
+        """``pool3 @ fc.weight.T`` (no bias), as torch-fidelity's ``"logits_unbiased"`` output.
+
+        Args:
+            pool3: ``(B, 2048)`` features from :meth:`forward`.
+
+        Returns:
+            float32 ``(B, 1008)`` logits without the fc bias.
+        """
+        return pool3.to(self.fc.weight.dtype).mm(self.fc.weight.T).to(torch.float32)
