@@ -1,4 +1,4 @@
-"""The ``rewardkit`` command line: ``list``, ``score`` and ``demo``.
+"""The ``rewardkit`` command line: ``list``, ``score``, ``demo`` (+ ``fid-stats``, ``fid``, ``compare`` from cli_metrics).
 
 Thin by design: it parses arguments, reads and writes files and prints; the scores come from the library
 (``rk.load`` and each reward's ``evaluate_pil`` / ``evaluate``). Model code is imported only by the command
@@ -59,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="rewardkit-demo", metavar="DIR", help="output folder (default ./rewardkit-demo)")
     demo.add_argument("--rewards", nargs="+", default=list(DEMO_REWARDS), metavar="NAME",
                       help=f"rewards to run (default: {' '.join(DEMO_REWARDS)})")
+    from rewardkit.cli_metrics import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -320,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo}[args.command]
+    from rewardkit.cli_metrics import COMMANDS
+
+    command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo, **COMMANDS}[args.command]
     try:
         command(args)
     except _USER_ERRORS as exc:

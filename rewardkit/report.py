@@ -69,10 +69,11 @@ def summarize(rows: Sequence[dict[str, Any]], reward_names: Sequence[str]) -> di
     return summary
 
 
-def write_scores(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], out: Path) -> Path:
+def write_scores(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], out: Path,
+                 key_columns: Sequence[str] = ("image", "prompt")) -> Path:
     """Write rows to ``out`` as JSONL or CSV (by its suffix, ``.jsonl`` / ``.csv``); returns ``out``.
 
-    Columns: ``image``, ``prompt``, then one per reward name. NaN / inf scores are written as ``null`` (JSONL)
+    Columns: ``key_columns`` (``image``, ``prompt``), then one per reward name. NaN / inf scores are written as ``null`` (JSONL)
     or an empty cell (CSV), so that every line is valid JSON.
     """
     clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in rows]
@@ -82,7 +83,7 @@ def write_scores(rows: Sequence[dict[str, Any]], reward_names: Sequence[str], ou
         out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in clean), encoding="utf-8")
         return out
     with out.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "prompt", *reward_names])
+        writer = csv.DictWriter(handle, fieldnames=[*key_columns, *reward_names])
         writer.writeheader()
         writer.writerows(clean)
     return out

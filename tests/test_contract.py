@@ -19,24 +19,48 @@ PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a cat"
 BF16_SPREAD_FRACTION = 0.10
 
 
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return rkt.random_images(6, 48, 40, seed=1)
+IMAGE_SIZE = (48, 40)
+_SIZES: dict[str, tuple[int, int]] = {}  # name -> (H, W) its images were made with (for reference=)
+
+
+@pytest.fixture
+def images(request, tiny_reward) -> torch.Tensor:
+    """Six smooth images, 48 x 40 unless the reward declares a larger ``min_size`` (MS-SSIM: 161 px)."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    name = params.get("name")
+    height, width = IMAGE_SIZE
+    if name is not None:
+        side = getattr(tiny_reward(name), "min_size", 0)
+        height, width = max(height, side + 8), max(width, side)
+        _SIZES[name] = (height, width)
+    return rkt.random_images(6, height, width, seed=1)
 
 
 def _prompts(name: str):
     return PROMPTS if get_entry(name).requires_prompt else None
 
 
+def _context(name: str, rows=None) -> dict:
+    """``reference=`` images for paired metrics (SSIM, PSNR, LPIPS), else nothing; ``rows`` selects rows."""
+    if not get_entry(name).requires_reference:
+        return {}
+    reference = rkt.random_images(6, *_SIZES.get(name, IMAGE_SIZE), seed=7)
+    return {"reference": reference if rows is None else reference[rows]}
+
+
 @pytest.mark.parametrize("name", REWARDS)
 def test_every_reward_has_a_tiny_builder(name: str) -> None:
-    assert get_entry(name).tiny is not None and hasattr(rkt, get_entry(name).tiny)
+    entry = get_entry(name)
+    if entry.default_weights is None:  # no network (SSIM, PSNR): nothing to build
+        assert entry.tiny is None
+    else:
+        assert entry.tiny is not None and hasattr(rkt, entry.tiny)
 
 
 @pytest.mark.parametrize("name", REWARDS)
 def test_output_is_float32_batch_on_input_device(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
-    scores = reward(images, _prompts(name))
+    scores = reward(images, _prompts(name), **_context(name))
     assert scores.shape == (6,)
     assert scores.dtype == torch.float32
     assert scores.device == images.device
@@ -49,8 +73,9 @@ def test_output_is_float32_batch_on_input_device(name: str, tiny_reward, images)
 def test_scores_are_batch_size_independent(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
     prompts = _prompts(name)
-    whole = reward(images, prompts)
-    singles = torch.cat([reward(images[i : i + 1], prompts[i] if prompts else None) for i in range(6)])
+    whole = reward(images, prompts, **_context(name))
+    singles = torch.cat([reward(images[i : i + 1], prompts[i] if prompts else None, **_context(name, slice(i, i + 1)))
+                         for i in range(6)])
     torch.testing.assert_close(whole, singles, rtol=1e-5, atol=1e-5)
 
 
@@ -58,18 +83,19 @@ def test_scores_are_batch_size_independent(name: str, tiny_reward, images) -> No
 def test_scores_are_deterministic_and_permutation_equivariant(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
     prompts = _prompts(name)
-    first = reward(images, prompts)
-    torch.testing.assert_close(reward(images, prompts), first, rtol=0, atol=0)
+    first = reward(images, prompts, **_context(name))
+    torch.testing.assert_close(reward(images, prompts, **_context(name)), first, rtol=0, atol=0)
     order = torch.tensor([5, 3, 1, 0, 2, 4])
     permuted_prompts = [prompts[i] for i in order] if prompts else None
-    torch.testing.assert_close(reward(images[order], permuted_prompts), first[order], rtol=1e-5, atol=1e-5)
+    permuted = reward(images[order], permuted_prompts, **_context(name, order))
+    torch.testing.assert_close(permuted, first[order], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", REWARDS)
 def test_gradient_reaches_pixels_iff_differentiable(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
     pixels = images.clone().requires_grad_(True)
-    scores = reward(pixels, _prompts(name))
+    scores = reward(pixels, _prompts(name), **_context(name))
     assert scores.requires_grad == get_entry(name).differentiable == reward.differentiable
     if reward.differentiable:
         scores.sum().backward()
@@ -84,18 +110,18 @@ def test_cache_filled_under_inference_mode_serves_a_grad_step(name: str, tiny_ro
     # embedding cached in the first must be usable in the second.
     reward = rkt.load_tiny(name, tiny_root / "cache")
     with torch.inference_mode():
-        reference = reward(images, _prompts(name))
+        reference = reward(images, _prompts(name), **_context(name))
     pixels = images.clone().requires_grad_(True)
-    scores = reward(pixels, _prompts(name))
+    scores = reward(pixels, _prompts(name), **_context(name))
     torch.testing.assert_close(scores.detach(), reference.clone(), rtol=1e-5, atol=1e-6)
     scores.sum().backward()
 
 
 @pytest.mark.parametrize("name", REWARDS)
 def test_bf16_autocast_is_close_to_fp32(name: str, tiny_root, tiny_reward, images) -> None:
-    exact = tiny_reward(name)(images, _prompts(name))
+    exact = tiny_reward(name)(images, _prompts(name), **_context(name))
     fast = rkt.load_tiny(name, tiny_root / "bf16", dtype="bf16")
-    scores = fast(images, _prompts(name))
+    scores = fast(images, _prompts(name), **_context(name))
     assert scores.dtype == torch.float32
     spread = (exact.max() - exact.min()).item()
     assert (scores - exact).abs().max().item() <= BF16_SPREAD_FRACTION * spread
@@ -104,12 +130,12 @@ def test_bf16_autocast_is_close_to_fp32(name: str, tiny_root, tiny_reward, image
 @pytest.mark.parametrize("name", REWARDS)
 def test_reward_pickles_and_state_dict_round_trips(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
-    expected = reward(images, _prompts(name))
+    expected = reward(images, _prompts(name), **_context(name))
     clone = pickle.loads(pickle.dumps(reward))
     # The clone starts with an empty prompt cache and encodes the prompts in another batch
     # composition than the original did: equal up to float32 rounding.
     assert len(getattr(clone, "prompt_cache", ())) == 0
-    torch.testing.assert_close(clone(images, _prompts(name)), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(clone(images, _prompts(name), **_context(name)), expected, rtol=1e-6, atol=1e-6)
     clone.load_state_dict(reward.state_dict())
     assert not clone.training and not any(p.requires_grad for p in clone.parameters())
 
@@ -140,8 +166,19 @@ BAD_IMAGES = {
 def test_bad_images_raise_with_a_fix(name: str, case: str, tiny_reward, images) -> None:
     transform, error, message = BAD_IMAGES[case]
     with pytest.raises(error, match=message) as info:
-        tiny_reward(name)(transform(images), _prompts(name))
+        tiny_reward(name)(transform(images), _prompts(name), **_context(name))
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", [n for n in REWARDS if get_entry(n).requires_reference])
+def test_paired_metrics_need_a_reference_of_the_same_shape(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    with pytest.raises(ValueError, match="reference="):
+        reward(images)
+    with pytest.raises(ValueError, match="same shape"):
+        reward(images, reference=images[:, :, :-8])
+    with pytest.raises(ValueError, match="NaN"):
+        reward(images, reference=torch.full_like(images, float("nan")))
 
 
 @pytest.mark.parametrize("name", [n for n in REWARDS if get_entry(n).requires_prompt])

@@ -28,7 +28,7 @@ from rewardkit.image_io import as_rgb_images
 from rewardkit.registry import load as _load
 
 __all__ = ["ModelConfig", "Metric", "PickScoreMetric", "CLIPMetric", "HPSv2Metric", "AestheticMetric",
-           "BioCLIPMetric", "IMAGE_METRICS_REPO", "DEFAULT_DEVICE"]
+           "BioCLIPMetric", "FIDMetric", "LPIPSMetric", "IMAGE_METRICS_REPO", "DEFAULT_DEVICE"]
 
 IMAGE_METRICS_REPO = "DiffSynth-Studio/ImageMetrics"  # the default repo of every diffsynth/metrics/*.py
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # DiffSynth: get_device_type(), at import
@@ -394,3 +394,8 @@ class BioCLIPMetric(Metric):
     def similarity_matrix(self, prompt: str | list[str], images: Any) -> list[list[float]]:
         """``exp(logit_scale) * cos``, nested list ``n_prompts x n_images``."""
         return self.tensor_to_list(self._matrix(prompt, images, self.reward.towers.logit_scale.float().exp()))
+
+
+# The set-level metrics live in their own module (one family per file); re-exported here so that every
+# DiffSynth name imports from rewardkit.compat.diffsynth.
+from rewardkit.compat.diffsynth_sets import FIDMetric, LPIPSMetric  # noqa: E402

@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "HPSv2Metric": _DIFFSYNTH,
     "AestheticMetric": _DIFFSYNTH,
     "BioCLIPMetric": _DIFFSYNTH,
+    "FIDMetric": _DIFFSYNTH,
+    "LPIPSMetric": _DIFFSYNTH,
 }
 
 __all__ = sorted(_LAZY)

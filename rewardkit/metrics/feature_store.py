@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["FeatureStore", "gather_rows"]
+__all__ = ["FeatureStore", "StoredFeatureMetric", "gather_rows", "MIN_ROWS"]
+
+MIN_ROWS = 2  # every set metric needs two rows a side
 
 
 def _group_and_device(accelerator_or_group: Any) -> tuple[Any, torch.device]:
@@ -112,6 +114,7 @@ class StoredFeatureMetric:
 
     store: FeatureStore
     name: str
+    extractor: Any
     _synced: bool
     _reference_rows: torch.Tensor | None
 
@@ -128,11 +131,23 @@ class StoredFeatureMetric:
             raise ValueError(f"{self.name}: the real side is fixed by reference features; pass real=False")
         self.store.add(features, real)
 
+    def set_reference_rows(self, rows: torch.Tensor) -> None:
+        """Fix the real side to stored feature rows ``(N, D)`` (e.g. from ``rewardkit fid-stats --features``)."""
+        if rows.ndim != 2 or rows.shape[1] != self.extractor.feature_dim:
+            raise ValueError(f"{self.name}: reference rows must be (N, {self.extractor.feature_dim}), got {tuple(rows.shape)}")
+        self._reference_rows = rows.float()
+
     def side(self, real: bool) -> torch.Tensor:
-        """All rows of one side ``(N, D)`` (the fixed reference rows for ``real=True`` if set)."""
-        if real and self._reference_rows is not None:
-            return self._reference_rows
-        return self.store.rows(real)
+        """All rows of one side ``(N, D)`` (the fixed reference rows for ``real=True`` if set).
+
+        Raises:
+            ValueError: fewer than 2 rows (no metric here is defined on fewer; never a silent 0.0).
+        """
+        rows = self._reference_rows if real and self._reference_rows is not None else self.store.rows(real)
+        if rows.shape[0] < MIN_ROWS:
+            side = "real" if real else "generated"
+            raise ValueError(f"{self.name}: needs at least {MIN_ROWS} {side} images, got {rows.shape[0]}")
+        return rows
 
     def reset(self, real: bool = True) -> None:
         """Clear the generated rows, and the real rows unless ``real=False`` (fixed references are kept)."""
