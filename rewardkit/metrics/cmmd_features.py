@@ -25,7 +25,6 @@ Unverified here (no network): that the ``openai/clip-vit-large-patch14-336`` rep
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 
 from rewardkit.metrics.extractor import FeatureExtractor
 from rewardkit.precision import autocast_for, parse_dtype
-from rewardkit.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, resize
+from rewardkit.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, center_crop, normalize, pillow_reorders_passes
+from rewardkit.preprocess import resize_like_pil as _resize_like_pil
 from rewardkit.weights import drop_keys, file_sha256, load_state_dict_strict, read_state_dict, resolve_weights
 
 __all__ = [
@@ -59,56 +59,11 @@ _SHARD_INDEX = "model.safetensors.index.json"
 _POSITION_IDS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
 _TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
 _CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
-# Pass-order probe: a (height 16, width 4) image resized to PIL size (width 8, height 4).
-_PROBE_SHAPE, _PROBE_TARGET = (16, 4), (8, 4)
-
-
-@functools.lru_cache(maxsize=1)
-def pillow_reorders_passes() -> bool:
-    """Whether the installed Pillow runs the vertical pass first when the height shrinks much more than the width.
-
-    Pillow <= 12 always resamples horizontally first; Pillow 13 (python-pillow/Pillow PR #9549) runs the
-    vertical pass first when ``in_h - out_h > 2 * (in_w - out_w)`` with ``out_h < in_h`` (condition
-    fitted exactly on 1490 random size pairs with Pillow 13.0.0). Probed once on a 16 x 4 binary-noise
-    image whose two pass orders differ by 18 levels.
-    """
-    import numpy as np
-    from PIL import Image
-
-    pixels = (np.random.default_rng(0).integers(0, 2, _PROBE_SHAPE) * UINT8_MAX).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    out_w, out_h = _PROBE_TARGET
-    direct = np.asarray(image.resize((out_w, out_h), Image.Resampling.BICUBIC))
-    vertical = image.resize((image.width, out_h), Image.Resampling.BICUBIC)
-    return bool(np.array_equal(direct, np.asarray(vertical.resize((out_w, out_h), Image.Resampling.BICUBIC))))
 
 
 def resize_like_pil(images: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bicubic resize of 0-255 images in Pillow's two-pass order.
-
-    Pillow resamples 8-bit images in two separable passes and clips each pass to [0, 255]; the clipping
-    is reproduced (the 8-bit rounding is not: it has no gradient), and so is the pass order (horizontal
-    first, or vertical first where the installed Pillow does it, see :func:`pillow_reorders_passes`).
-    A pass whose axis keeps its size is skipped, as in Pillow. ``F.interpolate(antialias=True)`` uses
-    Pillow's bicubic kernel (a = -0.5).
-
-    Args:
-        images: float ``(B, C, H, W)`` on the 0-255 scale.
-        size_hw: output ``(height, width)``.
-
-    Returns:
-        Float ``(B, C, *size_hw)`` on the 0-255 scale, in the input dtype (computed in float32 or float64).
-    """
-    height, width = int(images.shape[-2]), int(images.shape[-1])
-    out_h, out_w = int(size_hw[0]), int(size_hw[1])
-    shrink_h, shrink_w = height - out_h, width - out_w
-    passes = [(height, out_w), (out_h, out_w)]  # horizontal, then vertical
-    if shrink_h > 0 and shrink_h > 2 * shrink_w and pillow_reorders_passes():
-        passes = [(out_h, width), (out_h, out_w)]
-    for step_hw in passes:
-        if tuple(images.shape[-2:]) != step_hw:
-            images = resize(images, step_hw, interpolation="bicubic").clamp(0.0, UINT8_MAX)
-    return images
+    """Antialiased bicubic resize of 0-255 images ``(B, C, H, W)`` in Pillow's pass order (see preprocess)."""
+    return _resize_like_pil(images, size_hw, "bicubic", high=UINT8_MAX)
 
 
 def check_uint8_scale_batch(images: Any, who: str) -> None:
