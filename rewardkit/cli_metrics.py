@@ -63,6 +63,8 @@ def add_commands(commands: Any) -> None:
     fid.add_argument("--kid-subset-size", type=int, default=1000, metavar="N")
     fid.add_argument("--kid-small-set", choices=("error", "shrink"), default="error",
                      help="fewer images than the subset size: error (default) or shrink the subsets")
+    fid.add_argument("--is-splits", type=int, metavar="N", help="Inception Score splits (default 10); IS needs "
+                     "at least this many generated images")
     fid.add_argument("--out", metavar="FILE.json", help="also write the JSON result here")
     _common(fid)
     compare = commands.add_parser("compare", help="paired metrics (SSIM, PSNR, LPIPS) of two files or folders")
@@ -90,6 +92,8 @@ def _load(name: str, args: argparse.Namespace, **options: Any) -> Any:
 
     registry_name = _REGISTRY_NAME.get(name, name)
     weights = _weights(args.weights).get(name)
+    if args.tiny and weights is not None:
+        raise ValueError(f"--tiny builds random weights for every metric; drop --weights {name}=... or --tiny")
     if args.tiny:
         import tempfile
 
@@ -148,12 +152,13 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
         if "kid" in names:
             metrics["kid"] = KID(extractor, subset_size=args.kid_subset_size, small_set=args.kid_small_set, **options)
         if "is" in names:
-            metrics["is"] = InceptionScore(extractor, **options)
+            splits = {} if args.is_splits is None else {"splits": args.is_splits}
+            metrics["is"] = InceptionScore(extractor, **splits, **options)
         result["preset"] = extractor.prep.preset
     for name in names:
         if name not in INCEPTION_METRICS:
             metrics[name] = _load(name, args)
-    groups = {"inception": [m for n, m in metrics.items() if n in INCEPTION_METRICS]}
+    groups = {"inception": [m for n, m in metrics.items() if n in INCEPTION_METRICS]} if inception else {}
     groups.update({n: [m] for n, m in metrics.items() if n not in INCEPTION_METRICS})
     for members in groups.values():
         lead = members[0]
@@ -188,10 +193,10 @@ def _fix_reference(metric: Any, reference: Any, rows: Any, path: str) -> None:
         metric.set_reference_rows(rows.float())
 
 
-def _pairs(a: str, b: str) -> list[tuple[Path, Path]]:
+def _pairs(a: str, b: str, recursive: bool = False) -> list[tuple[Path, Path]]:
     from rewardkit.compat.diffsynth_sets import _pairs as pairs
 
-    return [(Path(x), Path(y)) for x, y, _ in pairs(a, b)]
+    return [(Path(x), Path(y)) for x, y, _ in pairs(a, b, what="compare", recursive=recursive)]
 
 
 def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -201,11 +206,12 @@ def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     from rewardkit.image_io import load_image, pil_to_tensor
 
     names = _metric_list(args.metrics, PAIRED_METRICS)
+    pairs = _pairs(args.a, args.b, args.recursive)  # input errors before any network is loaded (or downloaded)
     metrics = {n: _load(n, args) if n == "lpips" else _load_paired(n, args) for n in names}
     for metric in metrics.values():
         metric.to(args.device or "cpu")
     rows = []
-    for path_a, path_b in _pairs(args.a, args.b):
+    for path_a, path_b in pairs:
         a, b = pil_to_tensor(load_image(path_a))[None], pil_to_tensor(load_image(path_b))[None]
         if a.shape != b.shape:
             raise ValueError(f"{path_a.name} and {path_b.name} differ in size ({tuple(a.shape[2:])} vs "

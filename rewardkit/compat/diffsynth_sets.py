@@ -21,13 +21,19 @@ from __future__ import annotations
 import os
 import pathlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rewardkit.compat.diffsynth import DEFAULT_DEVICE, ModelConfig, _default, _model_weights
+if TYPE_CHECKING:
+    from rewardkit.compat.diffsynth import ModelConfig
 
 __all__ = ["FIDMetric", "LPIPSMetric"]
+
+# rewardkit.compat.diffsynth imports this module at its end, so it is imported lazily here (a top-level import
+# made `import rewardkit.compat.diffsynth_sets` first, as `rewardkit compare` does, fail with an import cycle).
+# DiffSynth's default device, as rewardkit.compat.diffsynth.DEFAULT_DEVICE: get_device_type(), at import.
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DIFFSYNTH_BATCH_SIZE = 16  # diffsynth/metrics/fid.py, lpips.py defaults
 LPIPS_TARGET_SIZE = 512  # diffsynth/metrics/lpips.py: resize target when sizes differ
@@ -51,6 +57,7 @@ class FIDMetric(torch.nn.Module):
                         batch_size: int = DIFFSYNTH_BATCH_SIZE, num_workers: int = 0, vram_limit: float | None = None,
                         preset: str = "legacy-pytorch", **options: Any) -> FIDMetric:
         """Load the FID-Inception weights (default ``FID/model.safetensors`` of DiffSynth-Studio/ImageMetrics)."""
+        from rewardkit.compat.diffsynth import ModelConfig, _default, _model_weights
         from rewardkit.metrics.fid import load_fid
 
         _warn_vram("FIDMetric", vram_limit)
@@ -59,7 +66,12 @@ class FIDMetric(torch.nn.Module):
                             recursive=True, **options))
 
     def _with(self, batch_size: int | None, num_workers: int | None) -> Any:
-        metric = self.metric
+        """The metric with this call's batch size / workers (DiffSynth's per-call overrides; not kept)."""
+        import copy
+
+        if batch_size is None and num_workers is None:
+            return self.metric
+        metric = copy.copy(self.metric)  # shallow: shares the network, owns its settings
         metric.batch_size = batch_size or metric.batch_size
         metric.num_workers = metric.num_workers if num_workers is None else num_workers
         return metric
@@ -92,24 +104,30 @@ class FIDMetric(torch.nn.Module):
     forward = compute
 
 
-def _pairs(image_a: Any, image_b: Any) -> list[tuple[Any, Any, str]]:
-    """DiffSynth's pairing: two images, or two folders matched by file stem (first in sorted order wins)."""
+def _pairs(image_a: Any, image_b: Any, what: str = "LPIPSMetric", recursive: bool = False
+           ) -> list[tuple[Any, Any, str]]:
+    """DiffSynth's pairing: two images, or two folders matched by file stem (first in sorted order wins).
+
+    ``what`` names the caller in error messages (``rewardkit compare`` shares this pairing). With
+    ``recursive=True`` sub-folders are searched too and files match by relative path without extension.
+    """
     from rewardkit.image_io import list_images
 
     is_dir = [isinstance(x, (str, os.PathLike)) and pathlib.Path(x).is_dir() for x in (image_a, image_b)]
     if is_dir[0] != is_dir[1]:
-        raise ValueError("LPIPSMetric: compare two images or two folders, not a folder with a file")
+        raise ValueError(f"{what}: compare two images or two folders, not a folder with a file")
     if not is_dir[0]:
         return [(image_a, image_b, "pair")]
     stems: list[dict[str, pathlib.Path]] = []
     for folder in (image_a, image_b):
         by_stem: dict[str, pathlib.Path] = {}
-        for path in list_images(folder):
-            by_stem.setdefault(path.stem, path)
+        for path in list_images(folder, recursive=recursive):
+            key = path.relative_to(folder).with_suffix("").as_posix() if recursive else path.stem
+            by_stem.setdefault(key, path)
         stems.append(by_stem)
     common = sorted(set(stems[0]) & set(stems[1]))
     if not common:
-        raise ValueError(f"LPIPSMetric: no file names (without extension) in common between {image_a} and {image_b}")
+        raise ValueError(f"{what}: no file names (without extension) in common between {image_a} and {image_b}")
     return [(stems[0][s], stems[1][s], s) for s in common]
 
 
@@ -126,6 +144,7 @@ class LPIPSMetric(torch.nn.Module):
                         *, batch_size: int = DIFFSYNTH_BATCH_SIZE, target_size: int = LPIPS_TARGET_SIZE,
                         vram_limit: float | None = None, resize: bool = False, **options: Any) -> LPIPSMetric:
         """Load LPIPS v0.1 (default: DiffSynth-Studio/ImageMetrics ``LPIPS/<net>.safetensors``)."""
+        from rewardkit.compat.diffsynth import ModelConfig, _default, _model_weights
         from rewardkit.registry import load
 
         if net not in _LPIPS_FILES:
