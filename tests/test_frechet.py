@@ -182,3 +182,15 @@ def test_two_processes_equal_one_process(run_two_processes) -> None:
         assert rank["torch_distributed"] == pytest.approx(expected, rel=1e-7)
         assert rank["accelerate"] == pytest.approx(expected, rel=1e-7)
         assert rank["gathered_rows"] == [13, 11]
+
+
+def test_nan_features_from_the_network_are_an_error_naming_the_metric() -> None:
+    class Broken(PixelFeatures):
+        def forward(self, prepared):
+            return super().forward(prepared) * float("nan")
+
+    metric = FrechetDistance(Broken(dim=12).freeze())
+    with pytest.raises(ValueError, match="fid: the extractor returned NaN"):
+        metric.update(rkt.random_images(3, 16, 16), real=True)
+    with pytest.raises(ValueError, match="NaN"):
+        GaussianStats(2).update(torch.tensor([[1.0, float("nan")]]))  # features given directly

@@ -59,6 +59,8 @@ class FeatureStore:
         """Append ``features`` ``(B, D)``."""
         if features.ndim != 2:
             raise ValueError(f"expected features (B, D), got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN/inf values; check the network's output (and dtype: fp16 can overflow)")
         kept = self._rows[real]
         if kept and kept[0].shape[1] != features.shape[1]:
             raise ValueError(f"feature dimension changed from {kept[0].shape[1]} to {features.shape[1]}")

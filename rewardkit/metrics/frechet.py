@@ -84,6 +84,9 @@ class GaussianStats:
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(f"expected features (B, {self.dim}), got {tuple(features.shape)}")
         rows = features.detach().to(device=self.sum.device, dtype=torch.float64)
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"features contain {int((~torch.isfinite(rows)).sum())} NaN/inf values; check the "
+                             "network's output (and dtype: fp16 can overflow)")
         self.sum += rows.sum(0)
         self.outer += rows.T @ rows
         self.n += rows.shape[0]
