@@ -194,3 +194,15 @@ def test_nan_features_from_the_network_are_an_error_naming_the_metric() -> None:
         metric.update(rkt.random_images(3, 16, 16), real=True)
     with pytest.raises(ValueError, match="NaN"):
         GaussianStats(2).update(torch.tensor([[1.0, float("nan")]]))  # features given directly
+
+
+def test_folder_reading_shows_a_progress_bar_when_asked(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    for index in range(3):
+        Image.new("RGB", (12, 10), (index * 40, 20, 30)).save(tmp_path / f"{index}.png")
+    metric = FrechetDistance(PixelFeatures(dim=12).freeze(), progress=True)
+    metric.update(tmp_path, real=True)
+    assert "fid real" in capsys.readouterr().err  # tqdm writes to stderr; silent by default off a terminal
+    FrechetDistance(PixelFeatures(dim=12).freeze()).update(tmp_path, real=True)
+    assert capsys.readouterr().err == ""
