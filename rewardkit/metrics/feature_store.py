@@ -133,6 +133,11 @@ class StoredFeatureMetric:
             raise ValueError(f"{self.name}: the real side is fixed by reference features; pass real=False")
         self.store.add(features, real)
 
+    @property
+    def has_fixed_reference(self) -> bool:
+        """Whether the real side is fixed by stored reference rows (``set_reference_rows``)."""
+        return self._reference_rows is not None
+
     def set_reference_rows(self, rows: torch.Tensor) -> None:
         """Fix the real side to stored feature rows ``(N, D)`` (e.g. from ``rewardkit fid-stats --features``)."""
         if rows.ndim != 2 or rows.shape[1] != self.extractor.feature_dim:

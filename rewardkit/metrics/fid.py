@@ -86,6 +86,11 @@ class FrechetDistance(FeatureMetric):
                              f"extractor gives {self.extractor.feature_dim}")
         self._reference = reference
 
+    @property
+    def has_fixed_reference(self) -> bool:
+        """Whether the real side is fixed by reference statistics (``reference=`` / ``set_reference``)."""
+        return self._reference is not None
+
     def reference_statistics(self) -> GaussianReference:
         """The real side as a ``GaussianReference`` (the fixed one, or built from the real images so far)."""
         if self._reference is not None:
