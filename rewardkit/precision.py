@@ -70,14 +70,21 @@ def cpu_supports(dtype: torch.dtype) -> bool:
 
 @contextlib.contextmanager
 def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
-    """``torch.autocast`` for ``device``'s type with ``dtype``; a no-op when ``dtype`` is ``None``.
+    """``torch.autocast`` for ``device``'s type with ``dtype``; with ``dtype=None``, autocast OFF.
 
-    Never hard-codes CUDA: the device type is taken from the tensors being processed.
+    ``None`` is the exact fp32 mode, and it stays exact when the caller runs inside its own autocast
+    region (``accelerator.autocast()``, a bf16 training step): otherwise the reward would silently run in
+    bf16 and, worse, cache bf16 text embeddings that later exact calls reuse. Never hard-codes CUDA:
+    the device type is taken from the tensors being processed.
     """
-    if dtype is None:
-        yield
-        return
     device_type = torch.device(device).type
+    if dtype is None:
+        if not torch.is_autocast_enabled(device_type):
+            yield
+            return
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+        return
     if device_type == "cpu" and dtype not in _WARNED and not cpu_supports(dtype):
         _WARNED.add(dtype)
         warnings.warn(

@@ -45,3 +45,16 @@ def test_slow_cpu_autocast_warns_once(monkeypatch) -> None:
         warnings.simplefilter("error")
         with autocast_for("cpu", torch.bfloat16):  # second time: silent
             pass
+
+
+def test_exact_mode_stays_exact_inside_a_callers_autocast(tiny_root) -> None:
+    """A bf16 training step around an exact reward must not turn it (or its prompt cache) into bf16."""
+    import rewardkit.testing as rkt
+
+    images = rkt.random_images(3, 32, 32, seed=4)
+    reward = rkt.load_tiny("pickscore", tiny_root / "exact-in-autocast")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = reward(images, "a red car")  # fills the prompt cache inside the caller's autocast
+    reward.prompt_cache.clear()
+    outside = reward(images, "a red car")
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
