@@ -399,3 +399,12 @@ class BioCLIPMetric(Metric):
 # The set-level metrics live in their own module (one family per file); re-exported here so that every
 # DiffSynth name imports from rewardkit.compat.diffsynth.
 from rewardkit.compat.diffsynth_sets import FIDMetric, LPIPSMetric  # noqa: E402
+
+
+def __getattr__(name: str) -> Any:
+    # ImageRewardMetric subclasses Metric, so its module imports this one: resolve it lazily (no cycle).
+    if name == "ImageRewardMetric":
+        from rewardkit.compat.diffsynth_imagereward import ImageRewardMetric
+
+        return ImageRewardMetric
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ _LAZY: dict[str, str] = {
     "BioCLIPMetric": _DIFFSYNTH,
     "FIDMetric": _DIFFSYNTH,
     "LPIPSMetric": _DIFFSYNTH,
+    "ImageRewardMetric": "rewardkit.compat.diffsynth_imagereward",
 }
 
 __all__ = sorted(_LAZY)

@@ -31,13 +31,14 @@ from rewardkit.testing.clip import (
 )
 from rewardkit.testing.dino import tiny_cmmd, tiny_fd_dinov2
 from rewardkit.testing.fid import tiny_fid_inception
+from rewardkit.testing.imagereward import tiny_imagereward
 from rewardkit.testing.lpips import tiny_lpips
 from rewardkit.testing.metrics import PixelFeatures
 
 __all__ = [
     "TINY_IMAGE_SIZE", "write_clip_tokenizer", "tiny_hf_clip_config", "tiny_open_clip_config",
     "write_hf_clip_folder", "tiny_clip_score", "tiny_pickscore", "tiny_hpsv2", "tiny_aesthetic",
-    "tiny_bioclip", "tiny_fid_inception", "tiny_lpips", "tiny_cmmd", "tiny_fd_dinov2", "PixelFeatures",
+    "tiny_bioclip", "tiny_fid_inception", "tiny_lpips", "tiny_cmmd", "tiny_fd_dinov2", "tiny_imagereward", "PixelFeatures",
     "load_tiny", "random_images",
 ]
 
