@@ -25,12 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rewardkit.errors import check_prompts
-from rewardkit.image_io import as_rgb_images
 from rewardkit.nets.clip import ClipTowers, HFClipTowers, OpenClipTowers, PromptEmbeddingCache, build_open_clip_model
 from rewardkit.precision import autocast_for, dtype_name, parse_dtype
-from rewardkit.preprocess import PreprocessSpec, preprocess, preprocess_pil
+from rewardkit.preprocess import PreprocessSpec, preprocess
 from rewardkit.protocols import Reward, RewardOutput
+from rewardkit.rewards.exact_path import ExactPathMixin
 from rewardkit.weights import (
     drop_keys,
     load_state_dict_strict,
@@ -291,7 +290,7 @@ def spec_for(checkpoint: ClipCheckpoint, **overrides: Any) -> PreprocessSpec:
     return PreprocessSpec(**fields)
 
 
-class ClipEmbeddingReward(Reward):
+class ClipEmbeddingReward(ExactPathMixin, Reward):
     """Base of the CLIP-family rewards: preprocessing, towers, prompt cache, precision.
 
     Subclasses implement ``head(image_embeds, text_embeds) -> (scores, details)`` on L2-normalised
@@ -361,24 +360,3 @@ class ClipEmbeddingReward(Reward):
         text_embeds = self.text_embeds(prompts) if self.requires_prompt else None
         scores, details = self.head(image_embeds, text_embeds)
         return RewardOutput(scores.float(), details)
-
-    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None) -> RewardOutput:
-        """Exact path: upstream PIL preprocessing for PIL images or image files (any sizes).
-
-        Args:
-            images: a PIL image, a path, or a list of them (sizes may differ).
-            prompts: as for ``__call__``.
-
-        Returns:
-            ``RewardOutput`` with float32 scores ``(B,)`` on the model's device.
-        """
-        items = images if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise ValueError(f"{self.name}: expected at least one image, got an empty list")
-        pil_images = as_rgb_images(items)
-        prompt_list = check_prompts(self.name, prompts, len(pil_images), self.requires_prompt)
-        return self.score_pixels(preprocess_pil(pil_images, self.spec), prompt_list)
-
-    def score_pil(self, images: Any, prompts: str | list[str] | None = None) -> torch.Tensor:
-        """``evaluate_pil(...).scores``: float32 ``(B,)``."""
-        return self.evaluate_pil(images, prompts).scores

@@ -35,12 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rewardkit.errors import check_prompts
-from rewardkit.image_io import as_rgb_images
 from rewardkit.nets.blip import ImageRewardConfig, ImageRewardNet
 from rewardkit.precision import autocast_for, parse_dtype
-from rewardkit.preprocess import PreprocessSpec, preprocess, preprocess_pil
+from rewardkit.preprocess import PreprocessSpec, preprocess
 from rewardkit.protocols import Reward, RewardOutput
+from rewardkit.rewards.exact_path import ExactPathMixin
 from rewardkit.weights import (
     drop_keys,
     load_state_dict_strict,
@@ -92,7 +91,7 @@ def load_tokenizer(folder: str | Path, **kwargs: Any) -> Any:
     return tokenizer
 
 
-class ImageRewardReward(Reward):
+class ImageRewardReward(ExactPathMixin, Reward):
     """ImageReward: a preference score standardised by upstream's mean / std (0 = average), float32 ``(B,)``.
 
     ``details["raw"]`` is the MLP output before ``(raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD``.
@@ -163,27 +162,6 @@ class ImageRewardReward(Reward):
         ``(B, 3, S, S)`` -> standardised rewards ``(B, 1)``, differentiable w.r.t. ``image``."""
         raw = self.raw_scores(image.to(self.device), prompt_ids.to(self.device), prompt_attention_mask.to(self.device))
         return ((raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD)[:, None]
-
-    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None) -> RewardOutput:
-        """Exact path: upstream's PIL preprocessing for PIL images or image files (sizes may differ).
-
-        Args:
-            images: a PIL image, a path, or a list of them.
-            prompts: one string (broadcast) or one per image.
-
-        Returns:
-            ``RewardOutput`` with float32 scores ``(B,)`` on the model's device.
-        """
-        items = images if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise ValueError(f"{self.name}: expected at least one image, got an empty list")
-        pil_images = as_rgb_images(items)
-        prompt_list = check_prompts(self.name, prompts, len(pil_images), self.requires_prompt)
-        return self.score_pixels(preprocess_pil(pil_images, self.spec), prompt_list)
-
-    def score_pil(self, images: Any, prompts: str | list[str] | None = None) -> torch.Tensor:
-        """``evaluate_pil(...).scores``: float32 ``(B,)``."""
-        return self.evaluate_pil(images, prompts).scores
 
 
 def _weight_file(path: Path) -> Path:
