@@ -2,16 +2,18 @@
 
 Reference: the ``image-reward`` package (THUDM/ImageReward 1.5 on PyPI, installed ``--no-deps``): its own
 ``ImageReward.score`` / ``inference_rank`` / ``score_gard`` and BLIP ``vit.py`` / ``med.py`` run unchanged.
-That code was written for transformers 4.x and timm 0.6, so ``_upstream_package`` bridges exactly what
+That code was written for transformers 4.x and timm 0.6, so ``rewardkit.testing.imagereward_upstream``
+(shared with ``benchmarks/bench_imagereward.py``; its docstring lists every patch) bridges exactly what
 transformers 5.x removed, with what 4.x did: ``fairscale``'s ``checkpoint_wrapper`` (used only for gradient
 checkpointing) is an identity; ``apply_chunking_to_forward`` / ``prune_linear_layer`` come from
 ``transformers.pytorch_utils``; ``invert_attention_mask`` is 4.x's ``(1 - mask) * finfo.min`` and
 ``get_head_mask(None)`` is ``[None] * layers``; ``init_weights`` is skipped (the checkpoint overwrites every
-weight). Upstream downloads its ViT-L and tokenizer, so the test builds them small: ``create_vit`` returns a
-tiny upstream ``VisionTransformer`` and ``init_tokenizer`` does upstream's three calls on the tiny vocabulary
+weight). Upstream downloads its ViT-L and tokenizer, so the adapter builds them small: ``create_vit`` returns
+a tiny upstream ``VisionTransformer`` and ``init_tokenizer`` does upstream's three calls on the tiny vocabulary
 (its ``additional_special_tokens_ids`` attribute no longer exists in 5.x). ``ImageReward.mlp`` is rebuilt as
 upstream ``MLP(32)`` for the tiny text width (upstream hard-codes 768). The tiny ``ImageReward.pt`` then
-loads into the upstream model with ``strict=True``.
+loads into the upstream model with ``strict=True``. A missing ``image-reward`` package is an ``ImportError``
+(a failure), never a skip.
 
 Tolerances (scores spread over about [-0.5, 0.5]; float32 rounding of the same computation, with SDPA in
 place of upstream's explicit softmax attention): exact (PIL) path vs upstream ``score`` / ``inference_rank``
@@ -24,12 +26,7 @@ here; bounded in tests/test_preprocess.py). The reference tokenizer is transform
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import pickle
-import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +38,7 @@ from rewardkit.image_io import pil_to_tensor
 from rewardkit.nets.blip import ImageRewardConfig, ImageRewardNet
 from rewardkit.rewards import imagereward as ir
 from rewardkit.testing.imagereward import TINY_IMAGEREWARD_CONFIG, tiny_imagereward, tiny_imagereward_state
+from rewardkit.testing.imagereward_upstream import upstream_imagereward
 from rewardkit.weights import CheckpointMismatchError
 
 ATOL = 1e-5
@@ -76,81 +74,11 @@ def reward(kwargs) -> ir.ImageRewardReward:
     return ir.load(**kwargs)
 
 
-@contextlib.contextmanager
-def _upstream_package():
-    """Import ``ImageReward``'s model code under transformers 5.x (module docstring); undone on exit."""
-    import transformers.modeling_utils as modeling_utils
-    from transformers import pytorch_utils
-
-    spec = importlib.util.find_spec("ImageReward")
-    if spec is None:  # a missing reference is a failure, never a skip
-        raise ImportError("the upstream ImageReward reference is missing: `pip install --no-deps image-reward==1.5` "
-                          "(the README's test command does this)")
-    root = Path(spec.submodule_search_locations[0])
-    wrapper = types.ModuleType("fairscale.nn.checkpoint.checkpoint_activations")
-    wrapper.checkpoint_wrapper = lambda module, **_: module
-    stubs = {name: types.ModuleType(name) for name in ("fairscale", "fairscale.nn", "fairscale.nn.checkpoint")}
-    stubs[wrapper.__name__] = wrapper
-    for name, path in (("ImageReward", root), ("ImageReward.models", root / "models")):  # skip their __init__s
-        stubs[name] = types.ModuleType(name)
-        stubs[name].__path__ = [str(path)]
-    helpers = {"apply_chunking_to_forward": pytorch_utils.apply_chunking_to_forward,
-               "prune_linear_layer": pytorch_utils.prune_linear_layer,
-               "find_pruneable_heads_and_indices": lambda *args: None}
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            for name, module in stubs.items():
-                patch.setitem(sys.modules, name, module)
-            for name, helper in helpers.items():
-                patch.setattr(modeling_utils, name, helper, raising=False)
-            import ImageReward.ImageReward as package
-            from ImageReward.models.BLIP import blip_pretrain, med
-
-            def invert_attention_mask(self, mask):  # transformers 4.x ModuleUtilsMixin
-                return (1.0 - mask[:, None, None, :].to(self.dtype)) * torch.finfo(self.dtype).min
-
-            patch.setattr(med.BertModel, "init_weights", lambda self: None, raising=False)
-            patch.setattr(med.BertModel, "get_head_mask", lambda self, mask, layers: [None] * layers, raising=False)
-            patch.setattr(med.BertModel, "invert_attention_mask", invert_attention_mask, raising=False)
-            yield package, blip_pretrain
-    finally:
-        for name in [n for n in sys.modules if n.startswith("ImageReward.")]:
-            del sys.modules[name]
-
-
-def _build_upstream(kwargs: dict, package, blip_pretrain):
-    """``package.ImageReward(med_config, device)`` with a tiny ViT and tokenizer (module docstring)."""
-    from transformers import BertTokenizer
-
-    vit_module = sys.modules["ImageReward.models.BLIP.vit"]
-    c = TINY_IMAGEREWARD_CONFIG
-
-    def create_vit(*_args, **_kwargs):  # upstream create_vit('large', ...) at the tiny sizes
-        vit = vit_module.VisionTransformer(img_size=c["image_size"], patch_size=c["patch_size"],
-                                           embed_dim=c["vision_width"], depth=c["vision_layers"],
-                                           num_heads=c["vision_heads"], drop_path_rate=0.1)
-        return vit, c["vision_width"]
-
-    def init_tokenizer():  # upstream BLIP/blip.py init_tokenizer on the tiny vocabulary
-        tokenizer = BertTokenizer.from_pretrained(kwargs["tokenizer"])
-        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-        tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
-        return tokenizer
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blip_pretrain, "create_vit", create_vit)
-        patch.setattr(blip_pretrain, "init_tokenizer", init_tokenizer)
-        model = package.ImageReward(med_config=str(Path(kwargs["weights"]).parent / "med_config.json"), device="cpu")
-    model.mlp = package.MLP(c["text_width"])
-    model.load_state_dict(torch.load(kwargs["weights"], weights_only=True), strict=True)
-    return model.eval().requires_grad_(False)
-
-
 @pytest.fixture(scope="module")
 def upstream(kwargs):
-    with _upstream_package() as (package, blip_pretrain):
-        yield _build_upstream(kwargs, package, blip_pretrain)
+    """The upstream ``ImageReward`` model on the same tiny checkpoint (``ImportError`` if the package is missing)."""
+    with upstream_imagereward() as package:
+        yield package.load(**kwargs)
 
 
 def _upstream_tokens(model, prompts):
@@ -356,3 +284,25 @@ def test_diffsynth_image_reward_metric(registered, reward, tmp_path, monkeypatch
                                              config=TINY_IMAGEREWARD_CONFIG)
     assert bf16.reward.max_length == 20 and bf16.reward.autocast_dtype == torch.bfloat16
     assert all(isinstance(v, float) for v in bf16.compute("a cat", images))
+
+
+# ------------------------------------------------------------------------------------ upstream adapter
+def test_upstream_adapter_is_undone_on_exit_and_a_missing_package_is_an_error(kwargs, monkeypatch) -> None:
+    import importlib.util
+    import sys
+    import warnings
+
+    import transformers.modeling_utils as modeling_utils
+
+    def state():  # the `upstream` fixture may hold the adapter open: compare with what was there before
+        modules = {n: m for n, m in sys.modules.items() if n.split(".")[0] in ("ImageReward", "fairscale")}
+        return modules, getattr(modeling_utils, "prune_linear_layer", None), list(warnings.filters)
+
+    before = state()
+    with upstream_imagereward() as package:
+        assert package.load(**kwargs).mlp.layers[0].in_features == TINY_IMAGEREWARD_CONFIG["text_width"]
+    assert state() == before
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ImportError, match="pip install --no-deps image-reward"):
+        with upstream_imagereward():
+            pass

@@ -98,16 +98,9 @@ def tiny_imagereward_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _med_config() -> dict[str, Any]:
     """BLIP ``med_config.json`` with the tiny text sizes (the other values are upstream's)."""
-    c = TINY_IMAGEREWARD_CONFIG
-    return {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": c["text_width"], "initializer_range": 0.02,
-        "intermediate_size": c["text_intermediate"], "layer_norm_eps": 1e-12,
-        "max_position_embeddings": c["max_positions"], "model_type": "bert",
-        "num_attention_heads": c["text_heads"], "num_hidden_layers": c["text_layers"], "pad_token_id": 0,
-        "type_vocab_size": 2, "vocab_size": c["vocab_size"], "encoder_width": c["vision_width"],
-        "add_cross_attention": True,
-    }
+    from rewardkit.testing.imagereward_upstream import upstream_med_config
+
+    return upstream_med_config(TINY_IMAGEREWARD_CONFIG)
 
 
 def tiny_imagereward(root: str | Path, layout: str = "upstream", seed: int = 0) -> dict[str, Any]:
