@@ -206,3 +206,13 @@ def test_folder_reading_shows_a_progress_bar_when_asked(tmp_path, capsys) -> Non
     assert "fid real" in capsys.readouterr().err  # tqdm writes to stderr; silent by default off a terminal
     FrechetDistance(PixelFeatures(dim=12).freeze()).update(tmp_path, real=True)
     assert capsys.readouterr().err == ""
+
+
+def test_dataloaders_of_labelled_batches_use_the_images(metric: FrechetDistance) -> None:
+    images = rkt.random_images(7, 16, 16, seed=12)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(7))
+    metric.update(torch.utils.data.DataLoader(dataset, batch_size=3), real=True)
+    assert metric.real.n == 7
+    direct = FrechetDistance(PixelFeatures(dim=12).freeze())
+    direct.update(images, real=True)
+    torch.testing.assert_close(metric.real.sum, direct.real.sum, rtol=1e-5, atol=1e-6)  # float32 batching

@@ -11,8 +11,8 @@ extractor's exact or batched preprocessing (``rewardkit.metrics.extractor``):
 * a folder (recursive with ``recursive=True``), one image path, or a list of paths / PIL images: each
   image goes through ``prep.pil`` (the exact path of the reference) in a ``DataLoader`` with
   ``num_workers`` workers, then batched.
-* any other iterable (e.g. a ``DataLoader``) yielding tensors or lists of PIL images: each item is
-  treated as above.
+* any other iterable (e.g. a ``DataLoader``) yielding tensors, ``(images, labels, ...)`` tuples (the
+  first element is used) or lists of PIL images: each item is treated as above.
 
 Features are extracted under ``torch.inference_mode`` in float32 (``dtype="bf16"`` = autocast, opt-in:
 it moves Inception features by ~0.8 % of their range, not a parity mode), and handed to
@@ -116,6 +116,8 @@ def iter_prepared_batches(source: ImageSource, prep: ImagePrep, *, name: str, ba
         return
     if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
         for item in tqdm(source, desc=description or name, unit="batch", disable=_quiet(progress)):
+            if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+                item = item[0]  # (images, labels, ...) batches, as DataLoaders over labelled datasets yield
             yield from iter_prepared_batches(item, prep, name=name, batch_size=batch_size, num_workers=0,
                                              recursive=recursive, quantize=quantize, device=device, progress=False)
         return
