@@ -111,6 +111,7 @@ def test_bf16_autocast_features_are_close_to_fp32(name: str, tiny_root, fake) ->
     exact = _metric(name, tiny_root).features(fake[:2])
     fast = rkt.load_tiny(name, tiny_root / "distribution", dtype="bf16", **OPTIONS.get(name, {})).features(fake[:2])
     assert fast.dtype == torch.float32
+    assert not torch.equal(fast, exact), "dtype='bf16' must actually autocast the network"
     spread = (exact.max() - exact.min()).item()
     assert (fast - exact).abs().max().item() <= BF16_FEATURE_FRACTION * spread
     assert torch.nn.functional.cosine_similarity(fast, exact).min().item() >= BF16_MIN_COSINE

@@ -192,12 +192,8 @@ def _precision(reward: Any, device: torch.device, dtype: Any) -> Iterator[None]:
     try:
         for module, _ in managed:
             module.autocast_dtype = target
-        if target is None:
-            with torch.autocast(torch.device(device).type, enabled=False):
-                yield
-        else:
-            with autocast_for(device, target):
-                yield
+        with autocast_for(device, target):  # target None: autocast off (exact fp32)
+            yield
     finally:
         for module, previous in managed:
             module.autocast_dtype = previous

@@ -48,5 +48,6 @@ def load_cmmd(weights: Any = None, device: Any = None, dtype: Any = None, **opti
     """CMMD on ``openai/clip-vit-large-patch14-336`` (or ``weights=``: an HF CLIP folder / spec)."""
     from rewardkit.metrics.cmmd_features import load_cmmd_extractor
 
-    metric = CMMD(load_cmmd_extractor(weights, device=device), dtype=dtype, **options)
+    # The extractor owns its precision (its forward sets autocast), so it gets the dtype too.
+    metric = CMMD(load_cmmd_extractor(weights, device=device, dtype=dtype), dtype=dtype, **options)
     return metric.to(device) if device is not None else metric

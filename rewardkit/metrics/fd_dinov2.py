@@ -25,7 +25,8 @@ def load_fd_dinov2(weights: Any = None, device: Any = None, dtype: Any = None, *
     """
     from rewardkit.metrics.dinov2_features import load_dinov2_extractor
 
-    extractor = load_dinov2_extractor(weights, device=device, config=config)
+    # The extractor owns its precision (its forward sets autocast), so it gets the dtype too.
+    extractor = load_dinov2_extractor(weights, device=device, dtype=dtype, config=config)
     metric = FrechetDistance(extractor, reference=reference,
                              foreign_reference=foreign_reference, name="fd-dinov2", dtype=dtype, **options)
     return metric.to(device) if device is not None else metric

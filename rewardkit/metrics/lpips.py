@@ -101,9 +101,9 @@ class LPIPS(PairedReward):
             )
         param_dtype = self.network.scaling_layer.shift.dtype
         pairs = torch.cat([images, reference]).to(param_dtype) * 2 - 1  # [0, 1] -> lpips' [-1, 1]
-        # Exact mode is float32 even inside a caller's autocast region; fast mode autocasts the trunk only.
-        exact = torch.autocast(images.device.type, enabled=False)
-        with autocast_for(images.device, self.autocast_dtype) if self.autocast_dtype else exact:
+        # Exact mode is float32 even inside a caller's autocast region (autocast_for(None) turns it off);
+        # fast mode autocasts the trunk only.
+        with autocast_for(images.device, self.autocast_dtype):
             feats = self.network.features(pairs)
         with torch.autocast(images.device.type, enabled=False):
             feats = [f.to(param_dtype) for f in feats]
