@@ -30,6 +30,7 @@ class Entry:
         differentiable: gradients reach the pixels on the tensor path.
         requires_prompt: the reward needs one prompt per image.
         requires_reference: a paired metric that needs ``reference=`` images.
+        requires_source: an edit reward that needs ``source=`` images (the unedited inputs).
         score_range: informational ``(low, high)``; ``None`` for unbounded sides.
         default_weights: the upstream source used when ``weights=None``.
         upstream: where the original implementation lives (cited in docs).
@@ -45,6 +46,7 @@ class Entry:
     differentiable: bool = True
     requires_prompt: bool = True
     requires_reference: bool = False
+    requires_source: bool = False
     score_range: tuple[float | None, float | None] = (None, None)
     default_weights: str | None = None
     upstream: str = ""
