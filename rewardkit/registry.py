@@ -31,6 +31,8 @@ class Entry:
         requires_prompt: the reward needs one prompt per image.
         requires_reference: a paired metric that needs ``reference=`` images.
         requires_source: an edit reward that needs ``source=`` images (the unedited inputs).
+        generative: a VLM judge that answers in text which is parsed; a row whose answer cannot be parsed
+            scores NaN with the reason in ``details["failure"]``.
         score_range: informational ``(low, high)``; ``None`` for unbounded sides.
         default_weights: the upstream source used when ``weights=None``.
         upstream: where the original implementation lives (cited in docs).
@@ -47,6 +49,7 @@ class Entry:
     requires_prompt: bool = True
     requires_reference: bool = False
     requires_source: bool = False
+    generative: bool = False
     score_range: tuple[float | None, float | None] = (None, None)
     default_weights: str | None = None
     upstream: str = ""
