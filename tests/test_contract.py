@@ -41,11 +41,24 @@ def _prompts(name: str):
 
 
 def _context(name: str, rows=None) -> dict:
-    """``reference=`` images for paired metrics (SSIM, PSNR, LPIPS), else nothing; ``rows`` selects rows."""
-    if not get_entry(name).requires_reference:
-        return {}
-    reference = rkt.random_images(6, *_SIZES.get(name, IMAGE_SIZE), seed=7)
-    return {"reference": reference if rows is None else reference[rows]}
+    """``reference=`` images for paired metrics (SSIM, PSNR, LPIPS), ``source=`` images for edit rewards,
+    else nothing; ``rows`` selects rows."""
+    entry, context = get_entry(name), {}
+    for key, needed, seed in (("reference", entry.requires_reference, 7), ("source", entry.requires_source, 11)):
+        if needed:
+            extra = rkt.random_images(6, *_SIZES.get(name, IMAGE_SIZE), seed=seed)
+            context[key] = extra if rows is None else extra[rows]
+    return context
+
+
+def _generative(name: str) -> bool:
+    return get_entry(name).generative
+
+
+def _assert_same_answers(output, expected) -> None:
+    """Generative judges: the same raw answers, NaN rows and parsed scores (greedy decoding is deterministic)."""
+    assert output.details["raw"] == expected.details["raw"]
+    torch.testing.assert_close(output.scores, expected.scores, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", REWARDS)
@@ -64,15 +77,30 @@ def test_output_is_float32_batch_on_input_device(name: str, tiny_reward, images)
     assert scores.shape == (6,)
     assert scores.dtype == torch.float32
     assert scores.device == images.device
+    assert isinstance(reward, rk.RewardFn)
+    if _generative(name):
+        # A random tiny judge writes random text: every row must be a parsed number or NaN *with its reason*.
+        output = reward.evaluate(images, _prompts(name), **_context(name))
+        assert len(output.details["raw"]) == len(output.details["failure"]) == 6
+        for score, failure in zip(output.scores.tolist(), output.details["failure"]):
+            assert (failure is None) == (score == score), (score, failure)
+            assert failure is None or (isinstance(failure, str) and failure)
+        return
     assert torch.isfinite(scores).all()
     assert scores.std() > 0, "random tiny weights must give different scores to different images"
-    assert isinstance(reward, rk.RewardFn)
 
 
 @pytest.mark.parametrize("name", REWARDS)
 def test_scores_are_batch_size_independent(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
     prompts = _prompts(name)
+    if _generative(name):  # left-padded batched generation answers exactly as one row at a time
+        whole = reward.evaluate(images, prompts, **_context(name))
+        rows = [reward.evaluate(images[i : i + 1], prompts[i] if prompts else None, **_context(name, slice(i, i + 1)))
+                for i in range(6)]
+        assert whole.details["raw"] == [raw for row in rows for raw in row.details["raw"]]
+        torch.testing.assert_close(whole.scores, torch.cat([row.scores for row in rows]), equal_nan=True)
+        return
     whole = reward(images, prompts, **_context(name))
     singles = torch.cat([reward(images[i : i + 1], prompts[i] if prompts else None, **_context(name, slice(i, i + 1)))
                          for i in range(6)])
@@ -83,10 +111,16 @@ def test_scores_are_batch_size_independent(name: str, tiny_reward, images) -> No
 def test_scores_are_deterministic_and_permutation_equivariant(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
     prompts = _prompts(name)
-    first = reward(images, prompts, **_context(name))
-    torch.testing.assert_close(reward(images, prompts, **_context(name)), first, rtol=0, atol=0)
     order = torch.tensor([5, 3, 1, 0, 2, 4])
     permuted_prompts = [prompts[i] for i in order] if prompts else None
+    if _generative(name):
+        first = reward.evaluate(images, prompts, **_context(name))
+        _assert_same_answers(reward.evaluate(images, prompts, **_context(name)), first)
+        permuted = reward.evaluate(images[order], permuted_prompts, **_context(name, order))
+        assert permuted.details["raw"] == [first.details["raw"][i] for i in order]
+        return
+    first = reward(images, prompts, **_context(name))
+    torch.testing.assert_close(reward(images, prompts, **_context(name)), first, rtol=0, atol=0)
     permuted = reward(images[order], permuted_prompts, **_context(name, order))
     torch.testing.assert_close(permuted, first[order], rtol=1e-5, atol=1e-5)
 
@@ -113,7 +147,7 @@ def test_cache_filled_under_inference_mode_serves_a_grad_step(name: str, tiny_ro
         reference = reward(images, _prompts(name), **_context(name))
     pixels = images.clone().requires_grad_(True)
     scores = reward(pixels, _prompts(name), **_context(name))
-    torch.testing.assert_close(scores.detach(), reference.clone(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.detach(), reference.clone(), rtol=1e-5, atol=1e-6, equal_nan=True)
     if reward.differentiable:
         scores.sum().backward()
 
@@ -124,6 +158,12 @@ def test_bf16_autocast_is_close_to_fp32(name: str, tiny_root, tiny_reward, image
     fast = rkt.load_tiny(name, tiny_root / "bf16", dtype="bf16")
     scores = fast(images, _prompts(name), **_context(name))
     assert scores.dtype == torch.float32
+    if _generative(name):
+        # bf16 changes a random judge's greedy text, so scores are not comparable; the bf16 path must run and
+        # keep the NaN-with-reason contract (parsed answers in bf16 are checked per judge with forced answers).
+        output = fast.evaluate(images, _prompts(name), **_context(name))
+        assert all((f is None) == (s == s) for s, f in zip(output.scores.tolist(), output.details["failure"]))
+        return
     spread = (exact.max() - exact.min()).item()
     assert (scores - exact).abs().max().item() <= BF16_SPREAD_FRACTION * spread
 
@@ -131,6 +171,11 @@ def test_bf16_autocast_is_close_to_fp32(name: str, tiny_root, tiny_reward, image
 @pytest.mark.parametrize("name", REWARDS)
 def test_reward_pickles_and_state_dict_round_trips(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
+    if _generative(name):
+        expected = reward.evaluate(images, _prompts(name), **_context(name))
+        clone = pickle.loads(pickle.dumps(reward))
+        _assert_same_answers(clone.evaluate(images, _prompts(name), **_context(name)), expected)
+        return
     expected = reward(images, _prompts(name), **_context(name))
     clone = pickle.loads(pickle.dumps(reward))
     # The clone starts with an empty prompt cache and encodes the prompts in another batch
@@ -182,15 +227,24 @@ def test_paired_metrics_need_a_reference_of_the_same_shape(name: str, tiny_rewar
         reward(images, reference=torch.full_like(images, float("nan")))
 
 
+@pytest.mark.parametrize("name", [n for n in REWARDS if get_entry(n).requires_source])
+def test_edit_rewards_need_source_images_of_the_batch_size(name: str, tiny_reward, images) -> None:
+    reward = tiny_reward(name)
+    with pytest.raises(ValueError, match="source="):
+        reward(images, _prompts(name))
+    with pytest.raises(ValueError, match="source="):
+        reward(images, _prompts(name), source=_context(name)["source"][:4])
+
+
 @pytest.mark.parametrize("name", [n for n in REWARDS if get_entry(n).requires_prompt])
 def test_wrong_prompt_count_and_missing_prompt_raise(name: str, tiny_reward, images) -> None:
     reward = tiny_reward(name)
     with pytest.raises(ValueError, match="one prompt or 6 prompts"):
-        reward(images, PROMPTS[:4])
+        reward(images, PROMPTS[:4], **_context(name))
     with pytest.raises(ValueError, match="needs a prompt"):
-        reward(images)
+        reward(images, **_context(name))
     with pytest.raises(TypeError, match=r"prompts\[1\]"):
-        reward(images, ["ok", 3, "a", "b", "c", "d"])
+        reward(images, ["ok", 3, "a", "b", "c", "d"], **_context(name))
 
 
 def test_one_prompt_is_broadcast(tiny_reward, images) -> None:
