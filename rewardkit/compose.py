@@ -96,7 +96,8 @@ class ComposedReward(Reward):
         _check_options(parts, weights, normalize, affine, nan_policy)
         self.name = name
         self.part_names = list(parts)
-        self.parts = nn.ModuleDict({k: v for k, v in parts.items() if isinstance(v, nn.Module)})
+        # ModuleDict keys cannot hold "." (registry names such as "hpsv2.1", "module:factory" paths): _key.
+        self.parts = nn.ModuleDict({_key(k): v for k, v in parts.items() if isinstance(v, nn.Module)})
         self._callables = {k: v for k, v in parts.items() if not isinstance(v, nn.Module)}
         total = sum(weights[k] for k in self.part_names)
         if normalize_weights and total == 0:
@@ -112,7 +113,7 @@ class ComposedReward(Reward):
         self.freeze()
 
     def _part(self, name: str) -> Any:
-        return self._callables[name] if name in self._callables else self.parts[name]
+        return self._callables[name] if name in self._callables else self.parts[_key(name)]
 
     def _normalized(self, name: str, raw: torch.Tensor) -> torch.Tensor:
         if self.normalize == "affine":

@@ -185,3 +185,18 @@ def test_zscore_statistics_are_all_reduced_across_two_processes(run_two_processe
     expected_rank1 = ((torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64) - seen.mean()) / (seen.std(unbiased=False) + 1e-6))
     assert ranks[1]["scores"] == pytest.approx(expected_rank1.tolist(), rel=1e-6)
     assert math.isnan(ranks[0]["scores"][2])
+
+
+def test_member_names_with_dots_and_factory_paths_compose() -> None:
+    # ModuleDict keys cannot contain "."; "hpsv2.1" and "package.module:factory" members must still work.
+    from rewardkit.testing.toy_rewards import MeanBrightness
+
+    dotted = MeanBrightness()
+    dotted.name = "hpsv2.1"
+    total = rk.compose({dotted: 1.0, "rewardkit.testing.toy_rewards:load_brightness": 2.0})
+    images = torch.rand(3, 3, 8, 8)
+    out = total.evaluate(images)
+    brightness = images.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out.details["hpsv2.1"], brightness)
+    torch.testing.assert_close(out.details["rewardkit.testing.toy_rewards:load_brightness"], brightness)
+    torch.testing.assert_close(out.scores, 3 * brightness)

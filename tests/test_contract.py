@@ -36,6 +36,23 @@ def images(request, tiny_reward) -> torch.Tensor:
     return rkt.random_images(6, height, width, seed=1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_generative_judges(request):
+    """Tiny VLM judges generate token by token on ~300k-parameter models: with 2 intra-op threads the per-op
+    thread hand-off dominates (Qwen3.5's pure-torch conv fallback: 16 s vs 0.6 s for 30 tokens on a loaded
+    2-core machine), so their contract tests run on one thread."""
+    name = getattr(getattr(request.node, "callspec", None), "params", {}).get("name")
+    if name is None or not get_entry(name).generative:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _prompts(name: str):
     return PROMPTS if get_entry(name).requires_prompt else None
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["check_layout", "save_safetensors", "spread_weights"]
+__all__ = ["check_layout", "save_hf_model", "save_safetensors", "spread_weights"]
 
 
 def check_layout(layout: str, allowed: tuple[str, ...]) -> None:
@@ -29,10 +29,26 @@ def spread_weights(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``state`` (contiguous, detached) to ``path`` as safetensors, creating parent folders."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     return path
+
+
+def save_hf_model(model: torch.nn.Module, folder: str | Path) -> Path:
+    """``model.save_pretrained(folder)`` on every process.
+
+    In transformers 5, ``save_pretrained`` writes nothing on ranks other than 0 once ``torch.distributed``
+    is initialised (``should_save_on_this_rank``), but every rank of a multi-process run builds its own
+    tiny folder; this instance-level override makes the rank write its files.
+    """
+    folder = Path(folder)
+    model.should_save_on_this_rank = lambda is_main_process: True
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        del model.should_save_on_this_rank
+    return folder

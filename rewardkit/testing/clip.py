@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rewardkit.testing._common import check_layout as _check_layout
+from rewardkit.testing._common import save_hf_model
 from rewardkit.testing._common import save_safetensors as _save_safetensors
 from rewardkit.testing._common import spread_weights as _spread_weights
 
@@ -97,8 +98,9 @@ def tiny_open_clip_config() -> dict[str, Any]:
 def _hf_clip_model(seed: int, hidden_act: str) -> torch.nn.Module:
     from transformers import CLIPConfig, CLIPModel
 
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(**tiny_hf_clip_config(hidden_act)))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(**tiny_hf_clip_config(hidden_act)))
     _spread_weights(model, seed)
     return model.eval()
 
@@ -106,8 +108,9 @@ def _hf_clip_model(seed: int, hidden_act: str) -> torch.nn.Module:
 def _open_clip_model(seed: int) -> torch.nn.Module:
     from rewardkit.nets.clip import build_open_clip_model
 
-    torch.manual_seed(seed)
-    model = build_open_clip_model(tiny_open_clip_config())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_open_clip_model(tiny_open_clip_config())
     _spread_weights(model, seed)
     return model.eval()
 
@@ -125,7 +128,7 @@ def _with_position_ids(state: dict[str, torch.Tensor], vision: bool = True, text
 def write_hf_clip_folder(folder: str | Path, *, seed: int = 0, hidden_act: str = "gelu") -> Path:
     """A Hugging Face CLIP folder: ``config.json``, ``model.safetensors``, tokenizer, preprocessor."""
     folder = Path(folder)
-    _hf_clip_model(seed, hidden_act).save_pretrained(str(folder))
+    save_hf_model(_hf_clip_model(seed, hidden_act), folder)
     write_clip_tokenizer(folder)
     _write_preprocessor_config(folder, TINY_IMAGE_SIZE)
     return folder
@@ -169,8 +172,9 @@ def tiny_hpsv2(root: str | Path, layout: str = "upstream", seed: int = 2) -> dic
 def _aesthetic_head_state(seed: int) -> dict[str, torch.Tensor]:
     from rewardkit.nets.aesthetic_mlp import AestheticMLP
 
-    torch.manual_seed(seed)
-    return AestheticMLP(input_size=_EMBED).state_dict()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AestheticMLP(input_size=_EMBED).state_dict()
 
 
 def tiny_aesthetic(root: str | Path, layout: str = "upstream", seed: int = 3) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rewardkit.testing._common import check_layout as _check_layout
+from rewardkit.testing._common import save_hf_model
 from rewardkit.testing._common import spread_weights as _spread_weights
 
 __all__ = [
@@ -76,8 +77,7 @@ def respread_all(model: torch.nn.Module, seed: int) -> None:
 
 
 def _save(model: torch.nn.Module, folder: Path) -> Path:
-    model.eval().save_pretrained(str(folder))
-    return folder
+    return save_hf_model(model.eval(), folder)
 
 
 def _exists(folder: Path) -> bool:
@@ -87,8 +87,9 @@ def _exists(folder: Path) -> bool:
 def _tiny_clip(seed: int) -> torch.nn.Module:
     from transformers import CLIPConfig, CLIPModel
 
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(**tiny_cmmd_config()))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(**tiny_cmmd_config()))
     respread_all(model, seed)
     return model
 
@@ -115,8 +116,9 @@ def write_hf_dinov2_folder(folder: str | Path, *, seed: int = 0, image_size: int
     folder = Path(folder)
     if _exists(folder):
         return folder
-    torch.manual_seed(seed)
-    model = Dinov2Model(Dinov2Config(**tiny_dinov2_config(image_size)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(Dinov2Config(**tiny_dinov2_config(image_size)))
     respread_all(model, seed)
     return _save(model, folder)
 
