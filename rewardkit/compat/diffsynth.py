@@ -401,10 +401,21 @@ class BioCLIPMetric(Metric):
 from rewardkit.compat.diffsynth_sets import FIDMetric, LPIPSMetric  # noqa: E402
 
 
-def __getattr__(name: str) -> Any:
-    # ImageRewardMetric subclasses Metric, so its module imports this one: resolve it lazily (no cycle).
-    if name == "ImageRewardMetric":
-        from rewardkit.compat.diffsynth_imagereward import ImageRewardMetric
+# Metric classes defined in sibling modules. They subclass Metric, so their modules import this one:
+# resolve them lazily (no import cycle, and no VLM code imported until asked for).
+_SIBLINGS = {
+    "ImageRewardMetric": "rewardkit.compat.diffsynth_imagereward",
+    "HPSv3Metric": "rewardkit.compat.diffsynth_hpsv3",
+    "UnifiedReward2Metric": "rewardkit.compat.diffsynth_unified_reward",
+    "UnifiedRewardEditMetric": "rewardkit.compat.diffsynth_unified_reward",
+    "QwenImageBenchMetric": "rewardkit.compat.diffsynth_qwen_image_bench",
+}
 
-        return ImageRewardMetric
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _SIBLINGS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

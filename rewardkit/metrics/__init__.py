@@ -25,6 +25,10 @@ _LAZY: dict[str, str] = {
     "FIDMetric": _DIFFSYNTH,
     "LPIPSMetric": _DIFFSYNTH,
     "ImageRewardMetric": "rewardkit.compat.diffsynth_imagereward",
+    "HPSv3Metric": "rewardkit.compat.diffsynth_hpsv3",
+    "UnifiedReward2Metric": "rewardkit.compat.diffsynth_unified_reward",
+    "UnifiedRewardEditMetric": "rewardkit.compat.diffsynth_unified_reward",
+    "QwenImageBenchMetric": "rewardkit.compat.diffsynth_qwen_image_bench",
 }
 
 __all__ = sorted(_LAZY)

@@ -31,15 +31,31 @@ from rewardkit.testing.clip import (
 )
 from rewardkit.testing.dino import tiny_cmmd, tiny_fd_dinov2
 from rewardkit.testing.fid import tiny_fid_inception
+from rewardkit.testing.hpsv3 import tiny_hpsv3
 from rewardkit.testing.imagereward import tiny_imagereward
 from rewardkit.testing.lpips import tiny_lpips
 from rewardkit.testing.metrics import PixelFeatures
+from rewardkit.testing.qwen_image_bench import tiny_qwen_image_bench
+from rewardkit.testing.unified_reward import tiny_unified_reward_2, tiny_unified_reward_edit
+from rewardkit.testing.vlm import (
+    forced_answer_processor,
+    tiny_qwen_processor,
+    tiny_qwen_tokenizer,
+    tiny_qwen_vl,
+    tiny_qwen_vl_config,
+    write_tiny_qwen_processor,
+)
 
 __all__ = [
     "TINY_IMAGE_SIZE", "write_clip_tokenizer", "tiny_hf_clip_config", "tiny_open_clip_config",
     "write_hf_clip_folder", "tiny_clip_score", "tiny_pickscore", "tiny_hpsv2", "tiny_aesthetic",
     "tiny_bioclip", "tiny_fid_inception", "tiny_lpips", "tiny_cmmd", "tiny_fd_dinov2", "tiny_imagereward", "PixelFeatures",
     "load_tiny", "random_images",
+    "tiny_qwen_image_bench",
+    "tiny_qwen_vl", "tiny_qwen_tokenizer", "tiny_qwen_processor", "write_tiny_qwen_processor",
+    "tiny_qwen_vl_config", "forced_answer_processor",
+    "tiny_unified_reward_2", "tiny_unified_reward_edit",
+    "tiny_hpsv3",
 ]
 
 
