@@ -42,6 +42,17 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny-checkpoints")
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One intra-op thread for a whole test module, restored after it; a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``. Tiny models gain nothing from intra-op
+    threads, and on a busy 2-core runner each op then waits for a second thread (~8 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _REWARD_CACHE: dict[tuple[str, str], object] = {}
 
 

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import rewardkit.testing as rkt
 from rewardkit.image_io import pil_to_tensor
@@ -41,27 +39,13 @@ from rewardkit.testing.imagereward import TINY_IMAGEREWARD_CONFIG, tiny_imagerew
 from rewardkit.testing.imagereward_upstream import upstream_imagereward
 from rewardkit.weights import CheckpointMismatchError
 
+from image_samples import random_pil_images
+
 ATOL = 1e-5
 PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a cat", "mountains at dawn", "an astronaut"]
 SIZES = [(256, 240), (300, 224), (224, 227), (180, 400), (224, 224), (227, 229)]  # (w, h); crop excess 3 -> round
 UPSTREAM_KEY_COUNT = 625  # ImageReward.pt / DiffSynth ImageReward/model.safetensors (clip_family.md 2.4)
-
-
-def _pil_images(sizes=SIZES, seed: int = 0) -> list[Image.Image]:
-    images = []
-    for i, (w, h) in enumerate(sizes):
-        array = (rkt.random_images(1, h, w, seed=seed + i)[0].permute(1, 2, 0).numpy() * 255).round()
-        images.append(Image.fromarray(array.astype(np.uint8), "RGB"))
-    return images
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy 2-core runner each op then waits ~8 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +72,7 @@ def _upstream_tokens(model, prompts):
 
 # ------------------------------------------------------------------------------------------------ parity
 def test_exact_path_equals_upstream_score_and_inference_rank(reward, upstream) -> None:
-    images = _pil_images()
+    images = random_pil_images(SIZES)
     with torch.no_grad():
         expected = torch.tensor([upstream.score(p, im) for p, im in zip(PROMPTS, images)])
         _, ranked = upstream.inference_rank(PROMPTS[0], images)
@@ -100,7 +84,7 @@ def test_exact_path_equals_upstream_score_and_inference_rank(reward, upstream) -
 def test_tensor_path_and_gradient_equal_upstream_score_gard(reward, upstream) -> None:
     import torchvision.transforms.functional as TF
 
-    images = _pil_images([(224, 224)] * 6, seed=10)  # the model's resolution: no resize on either side
+    images = random_pil_images([(224, 224)] * 6, seed=10)  # the model's resolution: no resize on either side
     pixels = torch.stack([pil_to_tensor(im) for im in images])
     ids, mask = _upstream_tokens(upstream, PROMPTS)
     theirs_in = TF.normalize(pixels, reward.spec.mean, reward.spec.std).requires_grad_(True)
@@ -270,7 +254,7 @@ def test_diffsynth_image_reward_metric(registered, reward, tmp_path, monkeypatch
     tiny_imagereward(tmp_path / "DiffSynth-Studio" / "ImageMetrics", layout="diffsynth")
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
     metric = ImageRewardMetric.from_pretrained(device="cpu", config=TINY_IMAGEREWARD_CONFIG)  # DiffSynth's defaults
-    images = _pil_images(SIZES[:3])
+    images = random_pil_images(SIZES[:3])
     expected = reward.score_pil(images, PROMPTS[:3]).tolist()
     assert metric.compute(PROMPTS[:3], images) == expected
     assert metric.score("a cat", images) == reward.score_pil(images, "a cat").tolist()
