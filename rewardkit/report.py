@@ -153,6 +153,18 @@ def _html(rows: Sequence[dict[str, Any]], thumbs: list[Any], image_paths: Sequen
     summary = "".join(
         f"<tr><td>{esc(name)}</td>" + "".join(f'<td class="num">{_format(s[k])}</td>' for k in ("mean", "min", "max"))
         + f'<td class="num">{s["n"]}</td></tr>' for name, s in stats.items())
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{_CSS}</style></head><body>\n<h1>{esc(title)}</h1>\n<h2>Summary</h2>\n"
+            '<table><thead><tr><th>reward</th><th>mean</th><th>min</th><th>max</th><th>n</th></tr></thead>'
+            f"<tbody>{summary}</tbody></table>\n<h2>Images</h2>\n<p>Click a column header to sort.</p>\n"
+            + _image_table(rows, thumbs, image_paths, reward_names)
+            + f"\n<script>{_SORT_JS}</script>\n</body></html>\n")
+
+
+def _image_table(rows: Sequence[dict[str, Any]], thumbs: list[Any], image_paths: Sequence[Path],
+                 reward_names: Sequence[str]) -> str:
+    """The sortable table of every image (thumbnail, file, prompt, scores); needs ``_SORT_JS`` on the page."""
+    esc = html.escape
     header = "".join(f"<th>{esc(h)}</th>" for h in ("#", "image", "file", "prompt", *reward_names))
     body = []
     for index, (row, thumb, path) in enumerate(zip(rows, thumbs, image_paths)):
@@ -164,12 +176,7 @@ def _html(rows: Sequence[dict[str, Any]], thumbs: list[Any], image_paths: Sequen
             data = repr(value) if math.isfinite(value) else ""
             cells.append(f'<td class="num" data-value="{data}">{_format(value)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{_CSS}</style></head><body>\n<h1>{esc(title)}</h1>\n<h2>Summary</h2>\n"
-            '<table><thead><tr><th>reward</th><th>mean</th><th>min</th><th>max</th><th>n</th></tr></thead>'
-            f"<tbody>{summary}</tbody></table>\n<h2>Images</h2>\n<p>Click a column header to sort.</p>\n"
-            f'<table class="sortable"><thead><tr>{header}</tr></thead><tbody>\n' + "\n".join(body)
-            + f"\n</tbody></table>\n<script>{_SORT_JS}</script>\n</body></html>\n")
+    return f'<table class="sortable"><thead><tr>{header}</tr></thead><tbody>\n' + "\n".join(body) + "\n</tbody></table>"
 
 
 def write_report(rows: list[dict], image_paths: list[Path], reward_names: list[str], out_dir: Path,

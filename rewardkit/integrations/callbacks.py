@@ -41,12 +41,12 @@ from torch import nn
 from rewardkit.integrations.periodic_eval import EvalCallback, rank_world, shard_range
 from rewardkit.metrics.frechet import sync_sum
 
-__all__ = ["EvalCallback", "FIDEvalCallback", "RewardEvalCallback", "shard_range"]  # + EvalTrainerCallback (lazy)
+__all__ = ["EvalCallback", "FIDEvalCallback", "RewardEvalCallback", "shard_range", "shard_source"]  # + EvalTrainerCallback (lazy)
 
 logger = logging.getLogger(__name__)
 
 
-def _shard_source(source: Any, rank: int, world: int) -> tuple[Any, bool]:
+def shard_source(source: Any, rank: int, world: int) -> tuple[Any, bool]:
     """``(this rank's part of an image source, whether it was sharded)``: tensors, lists and folders
     shard; other sources (a ``DataLoader``) are read whole on every rank."""
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
@@ -103,7 +103,7 @@ class FIDEvalCallback(EvalCallback):
             return
         sharded = True  # real images the user added before count as this rank's shard
         if self.reference_images is not None:
-            part, sharded = _shard_source(self.reference_images, *rank_world(accelerator))
+            part, sharded = shard_source(self.reference_images, *rank_world(accelerator))
             if not sharded or len(part):
                 self.metric.update(part, real=True)
         if sharded:

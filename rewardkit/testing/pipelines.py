@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_PIPELINE_SIZE", "DEFAULT_GUIDANCE_SCALE", "tiny_sd_pipeline", "generate_images"]
+__all__ = ["TINY_PIPELINE_SIZE", "DEFAULT_GUIDANCE_SCALE", "tiny_sd_pipeline", "tiny_sd3_pipeline", "generate_images"]
 
 TINY_PIPELINE_SIZE = 32  # output side in pixels: latent 16 x vae_scale_factor 2
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers StableDiffusionPipeline.__call__ default
@@ -150,3 +150,89 @@ def generate_images(
 
     return generate(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                     height=height, width=width)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stable Diffusion 3 style flow-matching pipeline (recipes: Flow-GRPO). Settings from
+# reference/rl_integration.md section 3.2 and Appendix A: SD3Transformer2DModel with one joint block,
+# two CLIP text encoders with projection (pooled 32 + 32 = 64 = pooled_projection_dim), no T5
+# (text_encoder_3=None: the pipeline fills its embeddings with zeros of width joint_attention_dim,
+# which must be >= 2 x the CLIP width), FlowMatchEulerDiscreteScheduler(shift=3.0), the tiny VAE
+# without quant convs with SD3's shift/scale factors.
+# ---------------------------------------------------------------------------------------------------
+_SD3_FOLDER = "tiny-sd3"
+_SD3_JOINT_DIM = 64  # joint_attention_dim: >= 2 * _TEXT_WIDTH (the CLIP embeddings are padded up to it)
+_SD3_POOLED_DIM = 2 * _TEXT_WIDTH  # two pooled CLIP projections concatenated
+_SD3_HEADS, _SD3_HEAD_DIM = 4, 8
+_SD3_SHIFT = 3.0  # stabilityai/stable-diffusion-3-medium scheduler_config.json
+_SD3_VAE_SHIFT, _SD3_VAE_SCALING = 0.0609, 1.5035  # stabilityai/stable-diffusion-3-medium vae/config.json
+# A VAE whose image statistics the latents can move, so that RL tests can show a learning signal (measured on
+# 16 random 8x8 latents). With 32 groups, every GroupNorm removes per-channel offsets and random decoders map
+# every latent to nearly the same mid-grey mean (brightness std 0.002; a +1 offset of any latent channel moves
+# it by < 0.005). One group keeps the channels' relative offsets (+1 on a channel: up to 0.12) and a 4x
+# conv_out uses the [0, 1] range (brightness std 0.029).
+_SD3_VAE_GROUPS = 1
+_SD3_DECODER_GAIN = 4.0
+
+
+def _sd3_components(tokenizer: Any) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def text_encoder() -> Any:
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=_TEXT_WIDTH, intermediate_size=_TEXT_MLP,
+            num_hidden_layers=_TEXT_LAYERS, num_attention_heads=_TEXT_HEADS, projection_dim=_TEXT_WIDTH,
+            max_position_embeddings=_CONTEXT_LENGTH, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return CLIPTextModelWithProjection(config)
+
+    transformer = SD3Transformer2DModel(
+        sample_size=_UNET_SAMPLE_SIZE, patch_size=1, in_channels=_LATENT_CHANNELS, out_channels=_LATENT_CHANNELS,
+        num_layers=1, attention_head_dim=_SD3_HEAD_DIM, num_attention_heads=_SD3_HEADS,
+        caption_projection_dim=_SD3_HEADS * _SD3_HEAD_DIM, joint_attention_dim=_SD3_JOINT_DIM,
+        pooled_projection_dim=_SD3_POOLED_DIM,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=_LATENT_CHANNELS, block_out_channels=_BLOCKS,
+        norm_num_groups=_SD3_VAE_GROUPS, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=TINY_PIPELINE_SIZE, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=_SD3_VAE_SHIFT, scaling_factor=_SD3_VAE_SCALING,
+    )
+    with torch.no_grad():  # a high-contrast decoder: image statistics (brightness) then depend on the latents
+        vae.decoder.conv_out.weight.mul_(_SD3_DECODER_GAIN)
+    return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=_SD3_SHIFT), "vae": vae,
+            "text_encoder": text_encoder(), "tokenizer": tokenizer, "text_encoder_2": text_encoder(),
+            "tokenizer_2": tokenizer, "text_encoder_3": None, "tokenizer_3": None}
+
+
+def tiny_sd3_pipeline(root: str | Path | None = None, seed: int = 0) -> Any:
+    """A random-weight ``diffusers.StableDiffusion3Pipeline`` (flow matching) on CPU in float32, 32×32.
+
+    Same conventions as ``tiny_sd_pipeline``: weights drawn under ``torch.random.fork_rng`` from
+    ``seed``; ``root`` round-trips through ``save_pretrained`` / ``from_pretrained`` (folder ``tiny-sd3``).
+
+    Args:
+        root: Optional folder to save the pipeline in and reload it from.
+        seed: Seed of the random weights.
+
+    Returns:
+        The pipeline (every module in eval mode, progress bar off, no T5 encoder).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components = _sd3_components(_tokenizer(Path(root or scratch) / _SD3_FOLDER / "tokenizer"))
+        pipe = StableDiffusion3Pipeline(**components)
+    if root is not None:
+        folder = Path(root) / _SD3_FOLDER
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True, text_encoder_3=None,
+                                                        tokenizer_3=None)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,184 @@
+"""Checkpoints of the ``recipes/``: LoRA weights, optimizer, reward normaliser, step and RNG states.
+
+A checkpoint is a folder ``output_dir/checkpoints/checkpoint-<step>/`` holding one file per entry of
+the ``state`` mapping a recipe passes in, plus the RNG states of every process and ``meta.json``
+(written last, so a folder without it is an interrupted save and is never resumed from):
+
+* a module carrying peft adapters (the LoRA denoiser): only the adapter weights,
+  ``<name>.lora.safetensors`` (peft's ``get_peft_model_state_dict`` keys; the base model is not copied);
+* a composed reward (``rk.compose``): only its normaliser state (z-score running statistics),
+  ``<name>.pt``, not the reward models' weights;
+* anything else with ``state_dict()`` (optimizer, LR scheduler, a plain module): ``<name>.pt``.
+
+Loading is strict: a missing file, a missing or unexpected LoRA key raise ``ValueError``.
+Files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy
+import torch
+
+__all__ = ["CHECKPOINTS_FOLDER", "checkpoint_folder", "latest_checkpoint", "save_checkpoint", "resume"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_FOLDER = "checkpoints"
+_PREFIX = "checkpoint-"
+_META = "meta.json"
+
+
+def checkpoint_folder(cfg: Any, step: int) -> Path:
+    """``output_dir/checkpoints/checkpoint-<step>``."""
+    return Path(cfg.output_dir) / CHECKPOINTS_FOLDER / f"{_PREFIX}{int(step)}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint (with ``meta.json``) of the highest step under ``output_dir``, or ``None``."""
+    root = Path(output_dir) / CHECKPOINTS_FOLDER
+    found = [p for p in root.glob(f"{_PREFIX}*") if p.name[len(_PREFIX):].isdigit() and (p / _META).is_file()]
+    return max(found, key=lambda p: int(p.name[len(_PREFIX):]), default=None)
+
+
+def _unwrap(accelerator: Any, obj: Any) -> Any:
+    return accelerator.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
+
+
+def _kind(obj: Any) -> str:
+    if isinstance(obj, torch.nn.Module) and getattr(obj, "peft_config", None):
+        return "lora"
+    if isinstance(getattr(obj, "stats", None), torch.nn.Module) and hasattr(obj, "part_names"):
+        return "normaliser"
+    if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+        return "state_dict"
+    raise TypeError(f"checkpoint: cannot save a {type(obj).__name__}; entries need state_dict()/load_state_dict()")
+
+
+def _file(folder: Path, name: str, kind: str) -> Path:
+    return folder / (f"{name}.lora.safetensors" if kind == "lora" else f"{name}.pt")
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, position, has_gauss, cached = numpy.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(numpy.int64)), position,
+                                                    has_gauss, cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    numpy.random.set_state((name, keys.numpy().astype(numpy.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(accelerator: Any, cfg: Any, step: int, state: Mapping[str, Any]) -> Path:
+    """Save ``state`` at ``step``; call on every process (each writes its RNG state).
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        cfg: the recipe config (``output_dir``).
+        step: the optimizer step just completed.
+        state: ``{name: object}``, e.g. ``{"denoiser": ..., "optimizer": ..., "reward": ...}``.
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = checkpoint_folder(cfg, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, obj in state.items():
+            obj = _unwrap(accelerator, obj)
+            kind = _kind(obj)
+            if kind == "lora":
+                from peft.utils import get_peft_model_state_dict
+
+                weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(obj).items()}
+                save_file(weights, str(_file(folder, name, kind)))
+            else:
+                payload = obj.stats.state_dict() if kind == "normaliser" else obj.state_dict()
+                torch.save(payload, _file(folder, name, kind))
+    torch.save(_rng_state(), folder / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"step": int(step), "num_processes": int(accelerator.num_processes), "entries": sorted(state)}
+        (folder / _META).write_text(json.dumps(meta, indent=1))
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _resolve(cfg: Any) -> Path | None:
+    if str(cfg.resume_from) == "latest":
+        found = latest_checkpoint(cfg.output_dir)
+        if found is None:
+            logger.warning("resume_from='latest': no checkpoint under %s; starting from step 0", cfg.output_dir)
+        return found
+    folder = Path(str(cfg.resume_from))
+    if not (folder / _META).is_file():
+        raise ValueError(f"resume: {folder} is not a complete checkpoint (no {_META}); pass resume_from='latest' "
+                         f"or a folder like {checkpoint_folder(cfg, 100)}")
+    return folder
+
+
+def _load_lora(obj: torch.nn.Module, path: Path) -> None:
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    expected = set(get_peft_model_state_dict(obj))
+    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    if missing or unexpected:
+        raise ValueError(f"resume: LoRA weights in {path} do not match the model (lora_rank / targets changed?): "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    set_peft_model_state_dict(obj, saved)
+
+
+def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any]) -> int:
+    """Load ``state`` from ``cfg.resume_from`` (``"latest"`` or a folder) and return the step to continue from.
+
+    Returns 0 (nothing loaded) when ``cfg.resume_from`` is unset or ``"latest"`` finds no checkpoint.
+    This process's RNG state is restored when the checkpoint has one for its rank.
+
+    Raises:
+        ValueError: an incomplete checkpoint folder, a missing entry file, or mismatched LoRA keys.
+    """
+    if not cfg.resume_from:
+        return 0
+    folder = _resolve(cfg)
+    if folder is None:
+        return 0
+    for name, obj in state.items():
+        obj = _unwrap(accelerator, obj)
+        kind = _kind(obj)
+        path = _file(folder, name, kind)
+        if not path.is_file():
+            present = sorted(p.name for p in folder.iterdir())
+            raise ValueError(f"resume: {path.name} is missing from {folder} (it has {present}); resume with the "
+                             "same recipe and state entries that wrote it")
+        if kind == "lora":
+            _load_lora(obj, path)
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            (obj.stats if kind == "normaliser" else obj).load_state_dict(saved)
+    rng = folder / f"rng_state_{accelerator.process_index}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    else:
+        logger.warning("resume: no RNG state for process %d in %s; sampling noise will differ from the original run",
+                       accelerator.process_index, folder)
+    step = int(json.loads((folder / _META).read_text())["step"])
+    logger.info("resumed from %s at step %d", folder, step)
+    return step

@@ -1,0 +1,280 @@
+"""Tests of the recipe support module (rewardkit/integrations/recipe_common.py, recipe_checkpoint.py),
+the toy brightness reward and the tiny SD3 pipeline builder. No network."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import rewardkit as rk
+from rewardkit.integrations import recipe_common as rc
+from rewardkit.testing.toy_rewards import MeanBrightness, load_brightness
+
+BRIGHTNESS = "rewardkit.testing.toy_rewards:load_brightness"
+
+
+@dataclasses.dataclass
+class _Config(rc.CommonConfig):
+    group_size: int = 4  # a recipe-specific field
+
+    TINY_OVERRIDES = {**rc.CommonConfig.TINY_OVERRIDES, "group_size": 2}
+
+
+def _fake_accelerator(processes: int = 1) -> types.SimpleNamespace:
+    logged: list = []
+    return types.SimpleNamespace(num_processes=processes, process_index=0, is_main_process=True,
+                                 is_local_main_process=True, log=lambda values, step: logged.append((step, values)),
+                                 logged=logged)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    torch.set_num_threads(1)
+    from rewardkit.testing.pipelines import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline()
+
+
+# --- config parsing -------------------------------------------------------------------------------
+
+def test_parse_config_yaml_then_command_line(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nrewards: {{'{BRIGHTNESS}': 1.0, pickscore: 0.5}}\n"
+                      "resolution: 256\ngroup_size: 8\nnormalize: zscore\n")
+    cfg = rc.parse_config(_Config, ["--config", str(config), "--resolution", "128"])
+    assert cfg.rewards == {BRIGHTNESS: 1.0, "pickscore": 0.5}  # a mapping from YAML
+    assert (cfg.resolution, cfg.group_size, cfg.normalize, cfg.tiny) == (128, 8, "zscore", False)
+    cfg = rc.parse_config(_Config, ["--config", str(config), "--rewards", '{"aesthetic": 2}'])
+    assert cfg.rewards == {"aesthetic": 2}  # JSON on the command line replaces the YAML mapping
+
+
+def test_tiny_overrides_beat_yaml_but_not_flags(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nresolution: 512\ngroup_size: 8\nnum_inference_steps: 20\n")
+    cfg = rc.parse_config(_Config, ["--config", str(config), "--tiny", "--num_inference_steps", "5"])
+    assert cfg.tiny and cfg.resolution == 32 and cfg.group_size == 2  # TINY_OVERRIDES over YAML
+    assert cfg.num_inference_steps == 5  # an explicit flag over TINY_OVERRIDES
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--rewards", "{pickscore: 1}"], "JSON object"),  # not JSON
+    (["--rewards", "{}"], "at least one reward"),
+    (["--rewards", '{"pickscore": "high"}'], "must be a number"),
+    (["--reward_weights", '{"aesthetic": "hf:x/y"}'], "not in rewards"),
+    (["--max_steps", "0"], "max_steps must be >= 1"),
+])
+def test_bad_config_values_raise(tmp_path: Path, argv: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rc.parse_config(_Config, ["--output_dir", str(tmp_path), *argv])
+
+
+def test_unknown_normalize_is_rejected_by_the_parser(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):  # argparse choices from the Literal type
+        rc.parse_config(_Config, ["--output_dir", str(tmp_path), "--normalize", "minmax"])
+
+
+# --- batch arithmetic and prompts -----------------------------------------------------------------
+
+def test_batch_arithmetic_reports_and_divides() -> None:
+    cfg = _Config(output_dir="unused", train_batch_size=3, gradient_accumulation_steps=2)
+    derived = rc.check_batch_arithmetic(cfg, _fake_accelerator(2), group_size=3, prompts_per_step=(6, 3))
+    assert derived["global_batch"] == 6 and derived["images_per_optimizer_step"] == 12
+    assert derived["prompts_per_step"] == 2 and derived["group_size"] == 3
+
+
+@pytest.mark.parametrize("pair", [(6, 4), (6, 0), (0, 3)])
+def test_batch_arithmetic_uneven_raises(pair: tuple) -> None:
+    cfg = _Config(output_dir="unused")
+    with pytest.raises(ValueError, match="does not divide evenly"):
+        rc.check_batch_arithmetic(cfg, _fake_accelerator(), prompts_per_step=pair)
+
+
+def test_k_repeat_prompts_groups_span_ranks() -> None:
+    prompts = [f"prompt {i}" for i in range(10)]
+    shares = [rc.k_repeat_prompts(prompts, 3, 4, step=7, rank=r, world=2, seed=1) for r in range(2)]
+    merged = shares[0] + shares[1]
+    assert len(shares[0]) == len(shares[1]) == 6
+    assert sorted(merged.count(p) for p in set(merged)) == [3, 3, 3, 3]  # 4 groups of 3
+    assert merged == rc.k_repeat_prompts(prompts, 3, 4, step=7, rank=0, world=1, seed=1)  # same global list
+    assert merged != rc.k_repeat_prompts(prompts, 3, 4, step=8, rank=0, world=1, seed=1)  # a new draw per step
+
+
+def test_k_repeat_prompts_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="distinct prompts"):
+        rc.k_repeat_prompts(["a", "b", "a"], 2, 3, step=0, rank=0, world=1)
+    with pytest.raises(ValueError, match="cannot be split"):
+        rc.k_repeat_prompts(["a", "b", "c"], 3, 1, step=0, rank=0, world=2)
+
+
+def test_load_prompts(tmp_path: Path) -> None:
+    assert rc.load_prompts(_Config(output_dir="x")) == list(rc.BUILTIN_PROMPTS)
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert rc.load_prompts(_Config(output_dir="x", prompts=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
+    with pytest.raises(ValueError, match="one prompt per line"):
+        rc.load_prompts(_Config(output_dir="x", prompts=str(tmp_path / "missing.txt")))
+
+
+# --- toy reward and rewards from config ------------------------------------------------------------
+
+def test_brightness_reward_value_gradient_and_factory_forms() -> None:
+    images = torch.rand(3, 3, 8, 8, requires_grad=True)
+    reward = rk.load(BRIGHTNESS)
+    assert isinstance(reward, MeanBrightness) and not reward.requires_prompt
+    scores = reward(images)
+    torch.testing.assert_close(scores, images.detach().mean(dim=(1, 2, 3)), rtol=0, atol=1e-7)
+    scores.sum().backward()
+    torch.testing.assert_close(images.grad, torch.full_like(images, 1 / (3 * 8 * 8)))
+    composed = rk.compose({reward: 2.0})  # keyed by reward.name ("brightness")
+    torch.testing.assert_close(composed(images.detach()), 2 * scores.detach())
+    with pytest.raises(ValueError, match="no weights"):
+        load_brightness(weights="hf:x/y")
+    with pytest.raises(TypeError, match="unknown options"):
+        load_brightness(size=3)
+
+
+def test_build_reward_tiny_keys_parts_by_name(tmp_path: Path) -> None:
+    cfg = _Config(output_dir=str(tmp_path), tiny=True, rewards={BRIGHTNESS: 1.0, "aesthetic": 0.5},
+                  normalize="zscore")
+    reward = rc.build_reward(cfg, "cpu")
+    output = reward.evaluate(torch.rand(2, 3, 32, 32))
+    assert set(reward.part_names) == {"brightness", "aesthetic"}
+    assert torch.isfinite(output.scores).all() and "aesthetic" in output.details
+    assert (tmp_path / rc.TINY_WEIGHTS_FOLDER / "aesthetic").is_dir()  # tiny weights under output_dir
+
+
+# --- tiny SD3 pipeline, LoRA, checkpoints ----------------------------------------------------------
+
+def test_tiny_sd3_pipeline_generates_deterministic_images(sd3_pipe) -> None:
+    from rewardkit.testing.pipelines import generate_images
+
+    first = generate_images(sd3_pipe, ["a red cat", "a dog"], [0, 1], num_inference_steps=2, guidance_scale=4.5)
+    again = generate_images(sd3_pipe, ["a red cat", "a dog"], [0, 1], num_inference_steps=2, guidance_scale=4.5)
+    assert first.shape == (2, 3, 32, 32) and 0 <= float(first.min()) and float(first.max()) <= 1
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])
+    assert type(sd3_pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_add_lora_trains_only_adapters_and_starts_as_identity(sd3_pipe) -> None:
+    from rewardkit.testing.pipelines import tiny_sd3_pipeline
+
+    transformer = tiny_sd3_pipeline().transformer
+    hidden = torch.randn(1, 4, 16, 16)
+    inputs = dict(hidden_states=hidden, encoder_hidden_states=torch.randn(1, 5, 64), pooled_projections=torch.randn(1, 64),
+                  timestep=torch.tensor([500.0]))
+    with torch.no_grad():
+        before = transformer(**inputs).sample
+    params = rc.add_lora(transformer, _Config(output_dir="x", lora_rank=2, lora_alpha=2.0))
+    names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names) and len(names) == len(params)
+    assert all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        torch.testing.assert_close(transformer(**inputs).sample, before, rtol=0, atol=1e-6)  # B starts at zero
+
+
+def _training_state(tmp_path: Path, seed: int):
+    from rewardkit.testing.pipelines import tiny_sd3_pipeline
+
+    torch.manual_seed(seed)
+    transformer = tiny_sd3_pipeline().transformer
+    params = rc.add_lora(transformer, _Config(output_dir="x", lora_rank=2, lora_alpha=2.0))
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    reward = rk.compose({load_brightness(): 1.0}, normalize="zscore")
+    return transformer, params, optimizer, reward
+
+
+def test_checkpoint_round_trip_restores_lora_optimizer_normaliser_step_and_rng(tmp_path: Path, accelerator) -> None:
+    cfg = _Config(output_dir=str(tmp_path))
+    transformer, params, optimizer, reward = _training_state(tmp_path, seed=0)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()  # non-zero LoRA B and optimizer moments
+    reward(torch.rand(4, 3, 8, 8))  # running z-score statistics
+    state = {"denoiser": transformer, "optimizer": optimizer, "reward": reward}
+    folder = rc.save_checkpoint(accelerator, cfg, 7, state)
+    expected_rng = torch.rand(3)
+    saved_files = sorted(p.name for p in folder.iterdir())
+    assert saved_files == ["denoiser.lora.safetensors", "meta.json", "optimizer.pt", "reward.pt", "rng_state_0.pt"]
+
+    fresh_transformer, fresh_params, fresh_optimizer, fresh_reward = _training_state(tmp_path, seed=1)
+    fresh = {"denoiser": fresh_transformer, "optimizer": fresh_optimizer, "reward": fresh_reward}
+    step = rc.resume(accelerator, dataclasses.replace(cfg, resume_from="latest"), fresh)
+    assert step == 7
+    torch.testing.assert_close(torch.rand(3), expected_rng)  # RNG restored
+    for saved, loaded in zip(params, fresh_params):
+        torch.testing.assert_close(loaded, saved, rtol=0, atol=0)
+    assert any(float(p.detach().abs().max()) > 0 for n, p in fresh_transformer.named_parameters() if "lora_B" in n)
+    moments = [fresh_optimizer.state[p]["exp_avg"] for p in fresh_params]
+    torch.testing.assert_close(moments, [optimizer.state[p]["exp_avg"] for p in params], rtol=0, atol=0)
+    torch.testing.assert_close(fresh_reward.stats.state_dict(), reward.stats.state_dict(), rtol=0, atol=0)
+    assert json.loads((folder / "meta.json").read_text())["step"] == 7
+
+
+def test_resume_latest_picks_highest_complete_step(tmp_path: Path, accelerator) -> None:
+    cfg = _Config(output_dir=str(tmp_path), resume_from="latest")
+    assert rc.resume(accelerator, cfg, {}) == 0  # nothing yet: start at 0
+    rc.save_checkpoint(accelerator, cfg, 2, {})
+    rc.save_checkpoint(accelerator, cfg, 10, {})
+    (tmp_path / "checkpoints" / "checkpoint-12").mkdir()  # interrupted save: no meta.json
+    assert rc.latest_checkpoint(tmp_path).name == "checkpoint-10"
+    assert rc.resume(accelerator, cfg, {}) == 10
+
+
+def test_resume_errors(tmp_path: Path, accelerator) -> None:
+    cfg = _Config(output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        rc.resume(accelerator, dataclasses.replace(cfg, resume_from=str(tmp_path / "nope")), {})
+    transformer, _, optimizer, _ = _training_state(tmp_path, seed=0)
+    folder = rc.save_checkpoint(accelerator, cfg, 3, {"denoiser": transformer})
+    with pytest.raises(ValueError, match="optimizer.pt is missing"):
+        rc.resume(accelerator, dataclasses.replace(cfg, resume_from=str(folder)),
+                  {"denoiser": transformer, "optimizer": optimizer})
+    from rewardkit.testing.pipelines import tiny_sd3_pipeline
+
+    other = tiny_sd3_pipeline().transformer
+    rc.add_lora(other, _Config(output_dir="x", lora_rank=2), target_modules=("to_q",))
+    with pytest.raises(ValueError, match="do not match the model"):
+        rc.resume(accelerator, dataclasses.replace(cfg, resume_from=str(folder)), {"denoiser": other})
+
+
+# --- logging and evaluation wiring -----------------------------------------------------------------
+
+def test_log_metrics_converts_tensors() -> None:
+    fake = _fake_accelerator()
+    values = rc.log_metrics(fake, {"loss": torch.tensor([1.0, 3.0]), "kl": 0.5}, step=4)
+    assert values == {"loss": 2.0, "kl": 0.5} and fake.logged == [(4, values)]
+
+
+def test_eval_callbacks_reward_and_fid(tmp_path: Path, sd3_pipe) -> None:
+    from rewardkit.integrations.callbacks import FIDEvalCallback, RewardEvalCallback
+
+    reward = rk.compose({load_brightness(): 1.0})
+    cfg = _Config(output_dir=str(tmp_path), tiny=True, eval_prompts=2, eval_every=1, resolution=32,
+                  num_inference_steps=2, fid_reference=str(tmp_path / "missing.npz"))
+    with pytest.raises(ValueError, match="fid_reference"):
+        rc.eval_callbacks(cfg, sd3_pipe, reward)
+    cfg = dataclasses.replace(cfg, fid_reference=None)
+    (callback,) = rc.eval_callbacks(cfg, sd3_pipe, reward)
+    assert isinstance(callback, RewardEvalCallback)
+    values = callback.maybe_evaluate(1)
+    assert 0 < values["eval/composed_mean"] < 1 and "eval/brightness_mean" in values
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(reference / f"{i}.png")
+    cfg = dataclasses.replace(cfg, fid_reference=str(reference))
+    callbacks = rc.eval_callbacks(cfg, sd3_pipe, reward)
+    assert isinstance(callbacks[1], FIDEvalCallback)
+    assert callbacks[1].maybe_evaluate(1)["eval/fid"] >= 0
