@@ -47,6 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
                          "with columns 'image' (file name or path relative to its folder) and 'prompt'")
     score.add_argument("--weights", action="append", default=[], metavar="SPEC|NAME=SPEC",
                        help="local path, hf:owner/repo[/file] or ms:owner/repo[/file]; NAME=SPEC per reward")
+    score.add_argument("--server", action="append", default=[], metavar="URL|NAME=URL",
+                       help="VLM judges: an OpenAI-compatible server (vLLM, SGLang) serving the judge, "
+                       "e.g. http://host:8000/v1, instead of local weights")
+    score.add_argument("--served-model", action="append", default=[], metavar="MODEL|NAME=MODEL",
+                       help="VLM judges: the model name on --server (default: the server's first model)")
     score.add_argument("--device", help="e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     score.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="fp32 = exact (default)")
     score.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
@@ -138,27 +143,31 @@ def read_prompts(images: list[tuple[Path, Path | None]], prompt: str | None,
     return prompts
 
 
-def parse_weights(specs: Sequence[str], names: Sequence[str]) -> dict[str, str]:
-    """--weights values -> ``{reward name: spec}``: ``NAME=SPEC`` each, or one bare SPEC for one reward."""
+def parse_weights(specs: Sequence[str], names: Sequence[str], flag: str = "--weights") -> dict[str, str]:
+    """``flag`` values (--weights, --server, --served-model) -> ``{reward name: value}``: ``NAME=VALUE`` each, or
+    one bare VALUE for one reward."""
     weights: dict[str, str] = {}
     for spec in specs:
         name, sep, value = spec.partition("=")
         if sep and name in names:
             weights[name] = value
         elif sep and name in registry_names():
-            raise ValueError(f"--weights {spec}: {name!r} is not among the rewards being scored ({', '.join(names)})")
+            raise ValueError(f"{flag} {spec}: {name!r} is not among the rewards being scored ({', '.join(names)})")
         elif len(names) == 1 and len(specs) == 1:
             weights[names[0]] = spec
         else:
-            raise ValueError(f"--weights {spec}: with several rewards, give --weights NAME=SPEC for each")
+            raise ValueError(f"{flag} {spec}: with several rewards, give {flag} NAME=VALUE for each")
     return weights
 
 
-def _check_rewards(names: Sequence[str], have_prompts: bool) -> None:
+def _check_rewards(names: Sequence[str], have_prompts: bool, served: Sequence[str] = ()) -> None:
     for entry in map(get_entry, names):
-        if entry.kind != "reward" or entry.requires_reference:
-            raise ValueError(f"{entry.name} is not a per-image reward without references; `rewardkit score` takes "
-                             "the rewards of `rewardkit list --kind reward`")
+        if entry.kind != "reward" or entry.requires_reference or entry.requires_source:
+            raise ValueError(f"{entry.name} is not a per-image reward without references or source images; "
+                             "`rewardkit score` takes the other rewards of `rewardkit list --kind reward` (use the "
+                             "Python API with reference= / source= for this one)")
+        if entry.name in served and not entry.generative:
+            raise ValueError(f"--server / --served-model apply to VLM judges (e.g. unified-reward-2), not {entry.name}")
         if entry.requires_prompt and not have_prompts:
             raise ValueError(f"{entry.name} needs a prompt per image; pass --prompt TEXT or --prompts FILE")
 
@@ -204,11 +213,18 @@ def score_images(rewards: dict[str, Any], paths: Sequence[Path], prompts: list[s
 
 
 def _load_rewards(names: Sequence[str], weights: dict[str, str], device: str | None, dtype: str | None,
-                  tiny_root: Path | None) -> dict[str, Any]:
+                  tiny_root: Path | None, served: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     if tiny_root is None:
         from rewardkit.registry import load
 
-        return {name: load(name, weights=weights.get(name), device=device, dtype=dtype) for name in names}
+        served = served or {}
+        loaded = {}
+        for name in names:
+            # --dtype fp32 is the CLI's default, not a request: a served judge runs in the server's dtype.
+            local_dtype = None if name in served and dtype in (None, "fp32") else dtype
+            loaded[name] = load(name, weights=weights.get(name), device=device, dtype=local_dtype,
+                                **served.get(name, {}))
+        return loaded
     from transformers.utils import logging as hf_logging
 
     from rewardkit.testing import load_tiny
@@ -225,9 +241,16 @@ def _load_rewards(names: Sequence[str], weights: dict[str, str], device: str | N
 def run_score(names: Sequence[str], image_specs: Sequence[str], *, prompt: str | None = None,
               prompts_file: str | None = None, weights: Sequence[str] = (), device: str | None = None,
               dtype: str | None = None, batch_size: int = 16, preprocess: str = "exact",
-              tiny_root: Path | None = None, outs: Sequence[Path] = ()) -> list[dict[str, Any]]:
+              tiny_root: Path | None = None, outs: Sequence[Path] = (), servers: Sequence[str] = (),
+              served_models: Sequence[str] = ()) -> list[dict[str, Any]]:
     """What ``rewardkit score`` does before printing: writes ``outs`` and returns one row per image."""
     names = list(dict.fromkeys(names))
+    served: dict[str, dict[str, str]] = {}
+    for flag, key, specs in (("--server", "server", servers), ("--served-model", "served_model", served_models)):
+        for name, value in parse_weights(specs, names, flag).items():
+            served.setdefault(name, {})[key] = value
+    if tiny_root is not None and served:
+        raise ValueError("--tiny builds random local models; drop --server / --served-model")
     for out in outs:
         if out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"--out {out}: unknown format {out.suffix!r}; name the file *.jsonl or *.csv")
@@ -238,8 +261,8 @@ def run_score(names: Sequence[str], image_specs: Sequence[str], *, prompt: str |
 
     images = collect_images(image_specs)
     prompts = read_prompts(images, prompt, prompts_file)
-    _check_rewards(names, prompts is not None)
-    rewards = _load_rewards(names, weight_specs, device, dtype, tiny_root)
+    _check_rewards(names, prompts is not None, list(served))
+    rewards = _load_rewards(names, weight_specs, device, dtype, tiny_root, served)
     paths = [path for path, _ in images]
     scores = score_images(rewards, paths, prompts, batch_size=batch_size, preprocess=preprocess, device=device)
     rows = [{"image": str(path), "prompt": None if prompts is None else prompts[i], **{n: scores[n][i] for n in names}}
@@ -262,7 +285,8 @@ def _print_summary(rows: list[dict[str, Any]], names: Sequence[str], written: Se
 
 def _cmd_score(args: argparse.Namespace) -> None:
     options = dict(prompt=args.prompt, prompts_file=args.prompts, weights=args.weights, device=args.device,
-                   dtype=args.dtype, batch_size=args.batch_size, preprocess=args.preprocess, outs=[Path(args.out)])
+                   dtype=args.dtype, batch_size=args.batch_size, preprocess=args.preprocess, outs=[Path(args.out)],
+                   servers=args.server, served_models=args.served_model)
     if args.tiny:
         with tempfile.TemporaryDirectory(prefix="rewardkit-tiny-") as tiny_root:
             rows = run_score(args.names, args.images, tiny_root=Path(tiny_root), **options)

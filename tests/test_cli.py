@@ -195,8 +195,10 @@ def test_parse_weights():
     assert parse_weights(["hf:a/b"], ["pickscore"]) == {"pickscore": "hf:a/b"}
     assert parse_weights(["pickscore=/w/p", "hpsv2=/w/h.pt"], ["pickscore", "hpsv2"]) == {
         "pickscore": "/w/p", "hpsv2": "/w/h.pt"}
-    with pytest.raises(ValueError, match="NAME=SPEC"):
+    with pytest.raises(ValueError, match="--weights NAME=VALUE"):
         parse_weights(["/w/p"], ["pickscore", "hpsv2"])
+    assert parse_weights(["http://h:8000/v1"], ["unified-reward-2"], "--server") == {
+        "unified-reward-2": "http://h:8000/v1"}
     with pytest.raises(ValueError, match="not among"):
         parse_weights(["aesthetic=/w/a"], ["pickscore"])
 
@@ -231,3 +233,31 @@ def test_import_and_help_stay_light():
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "rewardkit.cli"]
     help_run = subprocess.run([*command, "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0 and "score" in help_run.stdout
+
+
+def test_server_flags_only_for_judges_and_edit_rewards_are_refused(tmp_path, capsys):
+    _make_images(tmp_path / "imgs")
+    base = ["--images", str(tmp_path / "imgs"), "--prompt", "x", "--out", str(tmp_path / "s.jsonl")]
+    assert main(["score", "hpsv2", "--server", "http://127.0.0.1:9/v1", *base]) == 2
+    assert "apply to VLM judges" in capsys.readouterr().err
+    assert main(["score", "unified-reward-edit", "--server", "http://127.0.0.1:9/v1", *base]) == 2
+    assert "source=" in capsys.readouterr().err
+    assert main(["score", "unified-reward-2", "--tiny", "--server", "http://127.0.0.1:9/v1", *base]) == 2
+    assert "drop --server" in capsys.readouterr().err
+
+
+def test_score_with_a_served_judge(tmp_path, tiny_root, monkeypatch):
+    # A real local OpenAI-compatible server runs a tiny random Qwen3.5 forced to answer like UnifiedReward 2.0.
+    import rewardkit.testing as rkt
+    from rewardkit.testing.vlm_server import serve_tiny_vlm
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server process: one torch thread (tiny model)
+    model = rkt.tiny_unified_reward_2(tiny_root / "cli-served")["weights"]
+    paths = _make_images(tmp_path / "imgs")
+    answer = "Alignment Score (1-5): 4\nCoherence Score (1-5): 3.5\nStyle Score (1-5): 2"
+    with serve_tiny_vlm(model, forced_answer=answer, served_name="UnifiedReward") as url:
+        argv = ["score", "unified-reward-2", "--images", str(tmp_path / "imgs"), "--prompt", "a cat",
+                "--server", url, "--served-model", "UnifiedReward", "--out", str(tmp_path / "s.jsonl")]
+        assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == len(paths) and all(row["unified-reward-2"] == pytest.approx(9.5 / 3) for row in rows)

@@ -259,3 +259,24 @@ def test_vlm_package_imports_without_heavy_dependencies() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_pil_path_judges_mixed_sizes_and_equals_the_tensor_path() -> None:
+    seen = []
+
+    def answer(request):
+        image = request.messages[0]["content"][0]["image"]
+        seen.append(image.size)
+        return Completion(f"score: {image.size[0] + image.size[1]}")
+
+    judge = ScoreJudge(FakeBackend(answer))
+    images = [Image.new("RGB", (16, 8), (10, 20, 30)), Image.new("RGBA", (9, 12), (1, 2, 3, 255))]
+    out = judge.evaluate_pil(images, "a cat")
+    assert out.scores.tolist() == [24.0, 21.0] and seen == [(16, 8), (9, 12)]
+    assert out.details["prompt_seen"] == ["a cat", "a cat"]
+    tensor = pil_to_tensor(images[0])[None]
+    torch.testing.assert_close(judge.score_pil(images[:1], ["a cat"]), judge(tensor, "a cat"))
+    with pytest.raises(ValueError, match="one prompt or 2 prompts"):
+        judge.evaluate_pil(images, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="empty list"):
+        judge.evaluate_pil([], "a cat")

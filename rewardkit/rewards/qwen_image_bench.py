@@ -265,8 +265,9 @@ class QwenImageBench(GenerativeJudge):
         level1s = [request.meta["dimension"] for request in row_context["requests"]]
         return score_row(level1s, [c.text for c in completions], [c.error for c in completions])
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
-        output = super().score(images, prompts, **context)
+    def _judge(self, pil_images: list[Image.Image], prompts: list[str] | None, device: torch.device,
+               **context: Any) -> RewardOutput:
+        output = super()._judge(pil_images, prompts, device, **context)
         # Rows whose every generation failed are not parsed: give them the same per-dimension details.
         for i, level1s in enumerate(dims_per_row(context.get("dims"), len(output.scores), self.dims)):
             empty = {"level2": {d: {} for d in level1s}, "level3": {d: {} for d in level1s},

@@ -135,7 +135,35 @@ class GenerativeJudge(Reward):
 
     # ---- the shared machinery ------------------------------------------------------------------------
     def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
-        pil_images = tensor_to_pil(images)
+        return self._judge(tensor_to_pil(images), prompts, images.device, **context)
+
+    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None, **context: Any) -> RewardOutput:
+        """Judge PIL images or image files as they are (any sizes; no float round trip): the CLI's path.
+
+        Args:
+            images: a PIL image, a path, or a list of them.
+            prompts: one string (broadcast) or one per image; ``None`` for judges without prompts.
+            **context: as for :meth:`evaluate` (e.g. ``dims=`` for Qwen-Image-Bench).
+
+        Returns:
+            ``RewardOutput`` as :meth:`evaluate`, scores on the CPU.
+        """
+        from rewardkit.errors import check_prompts
+        from rewardkit.image_io import as_rgb_images
+
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError(f"{self.name}: expected at least one image, got an empty list")
+        pil_images = as_rgb_images(items)
+        prompt_list = check_prompts(self.name, prompts, len(pil_images), self.requires_prompt)
+        return self._judge(pil_images, prompt_list, torch.device("cpu"), **context)
+
+    def score_pil(self, images: Any, prompts: str | list[str] | None = None, **context: Any) -> torch.Tensor:
+        """``evaluate_pil(...).scores``: float32 ``(B,)``."""
+        return self.evaluate_pil(images, prompts, **context).scores
+
+    def _judge(self, pil_images: list[Image.Image], prompts: list[str] | None, device: torch.device,
+               **context: Any) -> RewardOutput:
         per_row = self._checked_requests(self.build_requests(pil_images, prompts, **context), len(pil_images))
         flat = [request for row in per_row for request in row]
         completions = self._generate(flat)
@@ -145,7 +173,7 @@ class GenerativeJudge(Reward):
             start += len(row)
         contexts = self.row_contexts(len(pil_images), prompts, **context)
         answers = [self._parse(rows, {**ctx, "requests": reqs}) for rows, ctx, reqs in zip(grouped, contexts, per_row)]
-        return self._output(answers, grouped, images.device)
+        return self._output(answers, grouped, device)
 
     def _checked_requests(self, per_row: Any, batch_size: int) -> list[list[ChatRequest]]:
         where = f"{self.name}: build_requests"
