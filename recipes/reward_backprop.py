@@ -169,9 +169,9 @@ def micro_step(cfg: Config, accelerator: Any, pipe: Any, reward: RecordedReward,
         loss = reward_loss(reward, sample.images, prompts, dtype=cfg.reward_dtype,  # rewardkit: -scale * reward
                            checkpoint=cfg.checkpoint_reward, scale=cfg.loss_scale)
     accelerator.backward(loss / cfg.gradient_accumulation_steps)
-    metrics = {"train/loss": loss.detach(), "train/reward": -loss.detach() / cfg.loss_scale,
+    metrics = {"train/loss": loss.detach(), "train/reward/mean": -loss.detach() / cfg.loss_scale,
                "train/num_grad_steps": float(k)}
-    metrics.update({f"train/reward/{name}": scores.float().mean() for name, scores in reward.last_parts.items()})
+    metrics.update({f"train/rewards/{name}/mean": scores.float().mean() for name, scores in reward.last_parts.items()})
     return {key: float(value) for key, value in metrics.items()}
 
 
@@ -267,7 +267,7 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
     while step < cfg.max_steps:
         metrics = train_step(cfg, accelerator, models, prompts, step)
         step += 1
-        rc.log_metrics(accelerator, metrics, step, progress, postfix=("train/reward", "train/loss"))  # rewardkit:
+        rc.log_metrics(accelerator, metrics, step, progress, postfix=("train/reward/mean", "train/loss"))  # rewardkit:
         history.append({"step": step, **metrics})
         progress.update(1)
         for callback in callbacks:

@@ -15,7 +15,7 @@ RECIPE_NAME = "reward_backprop"
 TINY_CONFIG = RECIPES / "configs" / "reward_backprop_tiny.yaml"
 BRIGHTNESS = "rewardkit.testing.toy_rewards:load_brightness"
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
-TRAIN_KEYS = {"train/loss", "train/reward", "train/reward/brightness", "train/reward/pickscore", "train/grad_norm",
+TRAIN_KEYS = {"train/loss", "train/reward/mean", "train/rewards/brightness/mean", "train/rewards/pickscore/mean", "train/grad_norm",
               "train/num_grad_steps"}
 EVAL_KEYS = {"eval/composed_mean", "eval/brightness_mean", "eval/pickscore_mean"}
 # Learning signal: 20 DRaFT-1 steps at lr 0.1 on the tiny pipeline raise the mean brightness from 0.5086
@@ -119,14 +119,14 @@ def test_resumed_run_repeats_the_uninterrupted_steps(recipe, tmp_path):
                           "--resume_from", "latest")
     assert [row["step"] for row in resumed] == [3, 4]
     for expected, got in zip(straight[2:], resumed):
-        for key in ("train/loss", "train/reward", "train/grad_norm"):
+        for key in ("train/loss", "train/reward/mean", "train/grad_norm"):
             assert got[key] == pytest.approx(expected[key], rel=RESUME_RTOL), (key, got["step"])
 
 
 def test_brightness_rises_under_draft_training(recipe, tmp_path):
     history = _in_process(recipe, tmp_path, "--max_steps", str(LEARN_STEPS), "--learning_rate", str(LEARN_RATE),
                           "--checkpoint_every", "1000")
-    rewards = [row["train/reward/brightness"] for row in history]
+    rewards = [row["train/rewards/brightness/mean"] for row in history]
     assert len(rewards) == LEARN_STEPS
     first, last = rewards[:LEARN_WINDOW], rewards[-LEARN_WINDOW:]
     assert sum(last) / LEARN_WINDOW - sum(first) / LEARN_WINDOW > LEARN_MARGIN, rewards
