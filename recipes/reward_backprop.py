@@ -275,6 +275,9 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             rc.save_checkpoint(accelerator, cfg, step, state)  # rewardkit:
     progress.close()
+    if history:  # one line for logs that are not a terminal (no progress bar there)
+        logger.info("trained steps %d-%d: train/reward/mean %.4f -> %.4f", history[0]["step"], history[-1]["step"],
+                    history[0]["train/reward/mean"], history[-1]["train/reward/mean"])
     if cfg.final_report:
         final_evaluation(cfg, accelerator, pipe, reward.reward, history)
     accelerator.end_training()
