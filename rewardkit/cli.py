@@ -76,9 +76,12 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(json.dumps(entries, indent=2))
         return
     yes_no = {True: "yes", False: "no"}
-    table = [("NAME", "KIND", "DIFF", "PROMPT", "REFERENCE", "DEFAULT WEIGHTS", "DESCRIPTION")] + [
-        (e["name"], e["kind"], yes_no[e["differentiable"]], yes_no[e["requires_prompt"]],
-         yes_no[e["requires_reference"]], e["default_weights"] or "-", e["description"]) for e in entries]
+    def needs(entry: dict) -> str:  # the extra images a reward takes beside the scored ones
+        return "reference=" if entry["requires_reference"] else "source=" if entry["requires_source"] else "-"
+
+    table = [("NAME", "KIND", "DIFF", "PROMPT", "NEEDS", "DEFAULT WEIGHTS", "DESCRIPTION")] + [
+        (e["name"], e["kind"], yes_no[e["differentiable"]], yes_no[e["requires_prompt"]], needs(e),
+         e["default_weights"] or "-", e["description"]) for e in entries]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
