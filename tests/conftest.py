@@ -18,6 +18,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The recipe tests' shared checks live in tests/recipe_harness.py: keep pytest's detailed assertion messages there.
+pytest.register_assert_rewrite("recipe_harness")
+
 _real_connect = socket.socket.connect
 
 

@@ -12,14 +12,19 @@ reference/rl_integration.md section 4) and a free rendezvous port, as other suit
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -141,3 +146,53 @@ def lora_weights(checkpoint_folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(checkpoint_folder / "denoiser.lora.safetensors"))
+
+
+# ---- checks shared by the PPO-style recipes' launch tests (DDPO, Diffusion-DPO) -------------------------------------
+def checkpointed_runs(recipe_name: str, factory: "pytest.TempPathFactory") -> dict[str, Any]:
+    """Three 2-step launches checkpointing every step: 2 processes; 1 process; 1 process resumed from the latter's
+    step-1 checkpoint into a fresh folder. Returns their folders and the resumed run's log."""
+    runs: dict[str, Any] = {name: factory.mktemp(f"{recipe_name}-{name}") for name in ("two", "one", "resumed")}
+    steps = ("--max_steps", "2", "--checkpoint_every", "1")
+    launch(recipe_name, 2, runs["two"], *steps)
+    launch(recipe_name, 1, runs["one"], *steps)
+    result = launch(recipe_name, 1, runs["resumed"], *steps, "--resume_from", str(checkpoint_dir(runs["one"], 1)))
+    runs["resume_log"] = result.stderr + result.stdout
+    return runs
+
+
+def check_two_process_artefacts(run: Path) -> None:
+    """config.yaml, and per step a checkpoint with LoRA, optimizer, reward state, meta and both ranks' RNG."""
+    assert (run / "config.yaml").is_file()
+    for step in (1, 2):
+        folder = checkpoint_dir(run, step)
+        names = {p.name for p in folder.iterdir()}
+        assert {"denoiser.lora.safetensors", "optimizer.pt", "reward.pt", "meta.json", "rng_state_0.pt",
+                "rng_state_1.pt"} <= names
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["step"] == step and meta["num_processes"] == 2
+
+
+def check_lora_changed(run: Path) -> None:
+    """The LoRA B matrices (zero at peft's gaussian init) moved by step 1 and changed again by step 2."""
+    first, second = (lora_weights(checkpoint_dir(run, step)) for step in (1, 2))
+    lora_b = [key for key in first if "lora_B" in key]
+    assert lora_b, "no LoRA B matrices in the checkpoint"
+    assert any(bool(first[key].abs().max() > 0) for key in lora_b)
+    assert any(not torch.equal(first[key], second[key]) for key in first)
+
+
+def check_resumed_at_step_2(first: Path, resumed: Path, log: str) -> None:
+    """The resumed run says it resumed at step 1, redoes nothing before it and logs step 2 only."""
+    assert "at step 1" in log
+    assert not checkpoint_dir(resumed, 1).exists()  # nothing redone before the resume point
+    (scalars,) = map(values_by_step, scalar_events(resumed))  # exactly one event file
+    assert set(scalars["train/loss"]) == {2}
+    (original,) = map(values_by_step, scalar_events(first))
+    assert set(original["train/loss"]) == {1, 2}
+    # everything that step 2 depends on (LoRA, optimizer, RNG, epoch) was restored: the same weights
+    before, after = lora_weights(checkpoint_dir(first, 2)), lora_weights(checkpoint_dir(resumed, 2))
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+    assert any(not torch.equal(lora_weights(checkpoint_dir(first, 1))[key], after[key]) for key in after)
