@@ -42,6 +42,7 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     build_reward,
     check_batch_arithmetic,
     eval_callbacks,
+    gathered_stats,
     k_repeat_prompts,
     load_pipeline,
     load_prompts,
@@ -56,8 +57,7 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     write_config,
 )
 
-# Two parts, so per-part logging is exercised. (Tiny HF-folder rewards such as pickscore are avoided: under
-# torch.distributed, transformers 5 save_pretrained writes on rank 0 only, so ranks > 0 could not build them.)
+# Two parts, so per-part logging is exercised.
 TINY_REWARDS = {"rewardkit.testing.toy_rewards:load_brightness": 1.0, "hpsv2": 0.5}
 
 
@@ -149,17 +149,6 @@ def setup(cfg: Config) -> Run:
     return Run(accelerator, pipe, unet, params, optimizer, reward, callbacks, load_prompts(cfg), sizes, start)
 
 
-def _gathered_stats(accelerator: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean and std over all processes' rows (equal row counts on every rank), NaN rows left out."""
-    result = {}
-    for key, rows in values.items():
-        every = accelerator.gather(rows.detach().float().contiguous())
-        finite = every[torch.isfinite(every)]
-        result[f"{key}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
-        result[f"{key}/std"] = float(finite.std()) if finite.numel() > 1 else float("nan")
-    return result
-
-
 def sample_epoch(run: Run, cfg: Config, epoch: int) -> tuple[Rollout, dict[str, float]]:
     """Sample this process's share of the epoch with log-probs, score it, compute advantages."""
     accelerator = run.accelerator
@@ -187,7 +176,7 @@ def sample_epoch(run: Run, cfg: Config, epoch: int) -> tuple[Rollout, dict[str, 
     advantages = per_prompt_advantages(scores_all, prompts, std=cfg.advantage_std,  # rewardkit: gathered groups
                                        clip=cfg.adv_clip_max)
     unscored = torch.isnan(advantages)  # rows no reward part could score: no policy signal (TRL's policy)
-    stats = _gathered_stats(accelerator, {"train/reward": scores_all,
+    stats = gathered_stats(accelerator, {"train/reward": scores_all,  # rewardkit: mean / std over ranks
                                           **{f"train/rewards/{k}": torch.cat(v) for k, v in parts.items()}})
     stats["train/unscored_frac"] = float(accelerator.gather(unscored.float()).mean())
     negative = [t.negative_prompt_embeds for t in trajectories]

@@ -44,6 +44,7 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     build_reward,
     check_batch_arithmetic,
     eval_callbacks,
+    gathered_stats,
     k_repeat_prompts,
     load_pipeline,
     load_prompts,
@@ -58,8 +59,7 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     write_config,
 )
 
-# Two parts, so per-part logging is exercised. (Tiny HF-folder rewards such as pickscore are avoided: under
-# torch.distributed, transformers 5 save_pretrained writes on rank 0 only, so ranks > 0 could not build them.)
+# Two parts, so per-part logging is exercised.
 TINY_REWARDS = {"rewardkit.testing.toy_rewards:load_brightness": 1.0, "hpsv2": 0.5}
 
 
@@ -216,19 +216,8 @@ def train_step(run: Run, cfg: Config, step: int) -> dict[str, float]:
             parts.setdefault(name, []).append(values)
     local = {key: float(torch.tensor([r[key] for r in records]).nanmean()) for key in records[0]}
     return {**_nanmean_across(accelerator, local),
-            **_gathered_stats(accelerator, {"train/reward": torch.cat(scores),
+            **gathered_stats(accelerator, {"train/reward": torch.cat(scores),
                                             **{f"train/rewards/{k}": torch.cat(v) for k, v in parts.items()}})}
-
-
-def _gathered_stats(accelerator: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean and std over all processes' rows (equal row counts on every rank), NaN rows left out."""
-    result = {}
-    for key, rows in values.items():
-        every = accelerator.gather(rows.detach().float().contiguous())
-        finite = every[torch.isfinite(every)]
-        result[f"{key}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
-        result[f"{key}/std"] = float(finite.std()) if finite.numel() > 1 else float("nan")
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:

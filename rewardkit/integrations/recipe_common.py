@@ -50,7 +50,7 @@ from rewardkit.integrations.recipe_models import (
 __all__ = [
     "CommonConfig", "BUILTIN_PROMPTS", "LORA_TARGET_MODULES", "TINY_WEIGHTS_FOLDER", "parse_config", "make_accelerator", "setup_logging",
     "weight_dtype", "load_pipeline", "denoiser_of", "load_tiny_shared", "build_reward", "add_lora", "save_checkpoint", "resume",
-    "latest_checkpoint", "check_batch_arithmetic", "load_prompts", "k_repeat_prompts", "eval_callbacks", "fid_metric", "json_field",
+    "latest_checkpoint", "check_batch_arithmetic", "load_prompts", "k_repeat_prompts", "eval_callbacks", "fid_metric", "json_field", "gathered_stats",
     "log_metrics", "progress_bar", "write_config",
 ]
 
@@ -304,6 +304,21 @@ def progress_bar(accelerator: Any, cfg: CommonConfig, initial: int = 0) -> Any:
 
     return tqdm(total=cfg.max_steps, initial=initial, desc="steps",
                 disable=True if not accelerator.is_local_main_process else None)
+
+
+def gathered_stats(accelerator: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{key/mean, key/std}`` over every process's rows (equal row counts on every rank); NaN rows left out.
+
+    Args:
+        values: ``{log key: (B,) tensor}`` of this process's rows.
+    """
+    result = {}
+    for key, rows in values.items():
+        every = accelerator.gather(rows.detach().float().contiguous())
+        finite = every[torch.isfinite(every)]
+        result[f"{key}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+        result[f"{key}/std"] = float(finite.std()) if finite.numel() > 1 else float("nan")
+    return result
 
 
 def log_metrics(accelerator: Any, metrics: dict[str, Any], step: int, progress: Any = None,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rewardkit.vlm.requests import ChatRequest, Completion, GenerationSettings, check_messages
+from rewardkit.vlm.requests import ChatRequest, Completion, GenerationSettings, check_requests
 
 __all__ = ["TransformersBackend", "resolve_vlm_folder"]
 
@@ -171,11 +171,7 @@ class TransformersBackend:
         A batch that runs out of accelerator memory is split in halves and retried; a single request
         that still does not fit gives ``Completion(None, error)``.
         """
-        for i, request in enumerate(requests):
-            if not isinstance(request, ChatRequest):
-                raise TypeError(f"TransformersBackend.generate: requests[{i}] is {type(request).__name__}, "
-                                "expected rewardkit.vlm.ChatRequest")
-            check_messages(request.messages, f"TransformersBackend.generate: requests[{i}]")
+        check_requests(requests, "TransformersBackend.generate")
         if not requests:
             return []
         self.load()

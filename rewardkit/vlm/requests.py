@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationSettings", "ChatRequest", "Completion", "GenerationBackend",
+__all__ = ["check_requests", "DEFAULT_MAX_NEW_TOKENS", "GenerationSettings", "ChatRequest", "Completion", "GenerationBackend",
            "check_messages"]
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # DiffSynth-Studio diffsynth/metrics/unified_reward_2.py default
@@ -107,6 +107,14 @@ class GenerationBackend(Protocol):
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         ...
+
+
+def check_requests(requests: Sequence[Any], where: str) -> None:
+    """Raise unless every item is a :class:`ChatRequest` with valid messages (a backend's input check)."""
+    for i, request in enumerate(requests):
+        if not isinstance(request, ChatRequest):
+            raise TypeError(f"{where}: requests[{i}] is {type(request).__name__}, expected rewardkit.vlm.ChatRequest")
+        check_messages(request.messages, f"{where}: requests[{i}]")
 
 
 def check_messages(messages: Any, where: str = "ChatRequest") -> None:

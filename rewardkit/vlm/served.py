@@ -29,7 +29,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Sequence
 
-from rewardkit.vlm.requests import ChatRequest, Completion, check_messages
+from rewardkit.vlm.requests import ChatRequest, Completion, check_requests
 
 __all__ = ["OpenAIChatBackend", "encode_image", "to_openai_messages"]
 
@@ -195,11 +195,7 @@ class OpenAIChatBackend:
     def generate(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         """Answer ``requests`` greedily, in order, at most ``max_concurrency`` at a time; never raises for a
         failed request (it becomes ``Completion(None, error)``)."""
-        for i, request in enumerate(requests):
-            if not isinstance(request, ChatRequest):
-                raise TypeError(f"OpenAIChatBackend.generate: requests[{i}] is {type(request).__name__}, "
-                                "expected rewardkit.vlm.ChatRequest")
-            check_messages(request.messages, f"OpenAIChatBackend.generate: requests[{i}]")
+        check_requests(requests, "OpenAIChatBackend.generate")
         if not requests:
             return []
         try:
