@@ -17,6 +17,7 @@ import rewardkit.testing as rkt
 from rewardkit.integrations.callbacks import FIDEvalCallback, RewardEvalCallback, shard_range
 from rewardkit.metrics.fid import FrechetDistance
 from rewardkit.testing.metrics import PixelFeatures
+from recipe_harness import free_port  # a fixed port collides with parallel suites (EADDRINUSE)
 
 _spec = importlib.util.spec_from_file_location("callbacks_worker", Path(__file__).parent / "distributed" / "callbacks_worker.py")
 worker = importlib.util.module_from_spec(_spec)
@@ -25,7 +26,6 @@ _spec.loader.exec_module(worker)
 # Statistics are float64 sums, but the float32 features of an image depend slightly on the batch it was
 # extracted in (matmul blocking), and shards batch differently: measured 2.3e-8 relative on FID here.
 REL_TOL = 1e-6
-PORT = 29531
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def test_shards_are_contiguous_uneven_and_cover_everything() -> None:
 
 
 def test_two_processes_equal_one_process(run_two_processes) -> None:
-    ranks = run_two_processes("callbacks_worker.py", PORT)
+    ranks = run_two_processes("callbacks_worker.py", free_port())
     assert [r["world"] for r in ranks] == [2, 2]
     single = {name: worker.build(kind).evaluate(step=2)
               for name, kind in (("fid", "fid"), ("reward", "reward"))}
@@ -69,7 +69,8 @@ def test_two_processes_equal_one_process(run_two_processes) -> None:
     assert ranks[0]["calls"] == [2, 1, 2, 1] and ranks[1]["calls"] == [2, 2]  # shards 3 + 2, batch 2
     assert single["fid"]["eval/fid_num_images"] == 5 and single["fid"]["eval/fid"] > 0
     assert set(single["reward"]) == {f"eval/{n}_{s}" for n in ("composed", "brightness", "redness")
-                                      for s in ("mean", "std")}
+                                      for s in ("mean", "std")} | {f"eval/composed/{c}/brightness~redness"
+                                                                   for c in ("pearson", "spearman")}
     assert math.isnan(single["reward_one_prompt"]["eval/composed_std"])  # one image: no std, never 0.0
     logged = ranks[0]["logged"]
     assert [entry["step"] for entry in logged] == [2, 2, 2, 4, 4, 4] and "eval/fid" in logged[0]
@@ -122,7 +123,7 @@ def test_bad_arguments_and_outputs_raise_with_a_fix() -> None:
                                   generate_fn=lambda p, s: torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"\(2, 3, H, W\)"):
         callback.evaluate()
-    assert callback._scores == {"brightness": []}  # reset even after a failure
+    assert callback._rows == []  # reset even after a failure
 
 
 def test_reward_callback_logs_every_part_of_a_tiny_composed_reward(tiny_reward) -> None:

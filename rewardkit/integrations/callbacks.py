@@ -7,6 +7,17 @@ empty), updates the metric, and the ranks reduce by sums (FID: the metric's ``sy
 (``reference/rl_integration.md`` section 4: an unpadded ``gather`` of uneven shards returns garbage).
 Every rank gets the same values; logging goes to ``accelerator.log`` (accelerate's trackers log on
 the main process only: ``accelerate/accelerator.py`` ``Accelerator.log`` is ``@on_main_process``).
+Rewards are reduced as rows: each rank writes its shard's scores into a zero ``(N, parts)`` float64
+matrix and one all-reduce sum gives every rank all N rows (``x + 0`` is exact), so the statistics are
+computed on the same vector as in one process: bit-identical to a single-process run, and the parts'
+correlations (Spearman needs all rows) come from the same collective. FID sums float64 statistics
+(the metric's ``sync``): there the order of the float64 additions differs from one process.
+
+Resume: ``state_dict()`` / ``load_state_dict()`` keep the last evaluated step, the alarm's history and
+(FID) the reference statistics frozen at the first evaluation (read through the metric's public
+``reference_statistics()`` / ``side(True)``, restored with ``set_reference`` / ``set_reference_rows``).
+A reward hacking alarm (``alarm=RewardHackingAlarm(...)``, ``hacking_alarm.py``) and the
+``stop_on_alarm`` policy are documented in ``EvalCallback`` and ``docs/callbacks.md``.
 
 **Call ``maybe_evaluate`` on every rank**, never inside ``if accelerator.is_main_process`` (diffusers'
 ``log_validation`` pattern): the reduction is a collective and would deadlock. Generate with the
@@ -19,29 +30,32 @@ and every submodule's mode restored afterwards, and restores the Python, NumPy, 
 device) CUDA RNG states, so training continues exactly as without evaluation. The generated side is
 reset afterwards; a zscore-composed reward's running statistics are not updated by evaluation.
 
-transformers: ``EvalTrainerCallback`` (``callback.as_trainer_callback(trainer)``) runs in
-``on_step_end`` when ``state.global_step % every_n_steps == 0`` (``transformers/trainer_callback.py``:
-callbacks run on every rank; keys a callback adds in ``on_evaluate`` are not logged because
-``Trainer.evaluate`` logs before calling it). It logs with ``trainer.log`` (``state.log_history`` and
-every ``report_to`` integration). In TRL trainers that call also flushes the step's accumulated
-training metrics into the evaluation's log entry early; nothing is lost, the window is split
-(reference section 1.6, TRL ``LogCompletionsCallback`` uses the same trainer-reference pattern).
+transformers: ``EvalTrainerCallback`` (``callback.as_trainer_callback(trainer)``, ``eval_trainer.py``)
+runs in ``on_step_end`` when ``state.global_step % every_n_steps == 0`` and logs with ``trainer.log``
+(``state.log_history`` and every ``report_to`` integration). In TRL trainers that call also flushes the
+step's accumulated training metrics into the evaluation's log entry early; nothing is lost, the window
+is split (reference section 1.6, TRL ``LogCompletionsCallback`` uses the same trainer-reference pattern).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from rewardkit.integrations.hacking_alarm import RewardHackingAlarm, part_correlations
 from rewardkit.integrations.periodic_eval import EvalCallback, rank_world, shard_range
-from rewardkit.metrics.frechet import sync_sum
+from rewardkit.metrics.frechet import GaussianReference, sync_sum
 
-__all__ = ["EvalCallback", "FIDEvalCallback", "RewardEvalCallback", "shard_range", "shard_source"]  # + EvalTrainerCallback (lazy)
+__all__ = ["EvalCallback", "FIDEvalCallback", "RewardEvalCallback", "RewardHackingAlarm", "shard_range",
+           "shard_source"]  # + EvalTrainerCallback (lazy, eval_trainer.py)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +100,7 @@ class FIDEvalCallback(EvalCallback):
         elif reference is not None:
             metric.set_reference(reference)
         self._reference_ready = self._has_fixed_reference()
+        self._reference_frozen_here = False  # True once _prepare froze it from images (saved by state_dict)
         if not self._reference_ready and reference_images is None and not self._real_count():
             raise ValueError(f"FIDEvalCallback: {metric.name} has no reference side; pass reference='stats.npz' "
                              "(from `rewardkit fid-stats`) or reference_images=<tensor, folder or list of paths>")
@@ -109,7 +124,7 @@ class FIDEvalCallback(EvalCallback):
         if sharded:
             self.metric.sync(accelerator)  # the generated side is empty here: only the reference is summed
         self._freeze_reference()
-        self._reference_ready, self.reference_images = True, None
+        self._reference_ready, self.reference_images, self._reference_frozen_here = True, None, True
 
     def _freeze_reference(self) -> None:
         metric = self.metric
@@ -135,13 +150,50 @@ class FIDEvalCallback(EvalCallback):
     def _reset(self) -> None:
         self.metric.reset(real=False)
 
+    def _alarm_inputs(self, values: dict[str, float]) -> tuple[dict[str, float], dict[str, bool]]:
+        name = self.metric.name
+        return {name: values[self._key(name)]}, {name: bool(getattr(self.metric, "higher_is_better", False))}
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The reference frozen at the first evaluation (a given ``reference=`` is rebuilt by the constructor)."""
+        if not self._reference_frozen_here:
+            return {"reference": None}
+        metric = self.metric
+        if hasattr(metric, "reference_statistics"):
+            ref = metric.reference_statistics()
+            return {"reference": {"mu": ref.mu.detach().cpu().clone(), "sigma": ref.sigma.detach().cpu().clone(),
+                                  "n": int(ref.n), "meta": {str(k): str(v) for k, v in ref.meta.items()}}}
+        return {"reference": {"rows": metric.side(True).detach().cpu().clone()}}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("reference")
+        if saved is None:
+            return
+        self.metric.reset(real=True)
+        if "rows" in saved:
+            self.metric.set_reference_rows(torch.as_tensor(saved["rows"]))
+        else:
+            self.metric.set_reference(GaussianReference(torch.as_tensor(saved["mu"], dtype=torch.float64),
+                                                        torch.as_tensor(saved["sigma"], dtype=torch.float64),
+                                                        int(saved["n"]), dict(saved["meta"])))
+        self._reference_ready, self.reference_images, self._reference_frozen_here = True, None, True
+
 
 class RewardEvalCallback(EvalCallback):
     """Periodic mean and std of a reward (any ``RewardFn``, or ``rk.compose(...)``) on generated images.
 
     Logs ``<prefix>/<reward.name>_mean`` / ``_std`` and, for a composed reward, the same for every
-    part's raw score (``evaluate().details[part]``). Statistics are over all ranks' images (NaN rows,
-    "not applicable", are left out; a std needs 2 finite rows, else NaN).
+    part's raw score (``evaluate().details[part]``) plus the parts' pairwise correlations
+    ``<prefix>/<reward.name>/pearson/<a>~<b>`` and ``.../spearman/<a>~<b>`` (rows where either part is NaN
+    left out). Statistics are over all ranks' images (NaN rows, "not applicable", are left out; a std
+    needs 2 finite rows, else NaN). The alarm watches every ``<name>_mean`` (or ``alarm.watch``).
+
+    A z-score composition is evaluated with its running statistics frozen for the call (evaluation
+    images must not enter them) without touching the shared instance that training threads call:
+    the call passes ``update_stats=False`` where ``evaluate`` accepts it, else goes through a shallow
+    copy with ``update_stats=False`` (same parts and statistics buffers). Flipping the shared flag, as
+    earlier versions did, let a training call on another thread skip its statistics update and its
+    all-reduce on one rank only (a hang or mixed-up collectives).
 
     Args:
         reward: The reward; called as ``reward.evaluate(images, prompts)`` (or ``reward(images, prompts)``).
@@ -151,94 +203,66 @@ class RewardEvalCallback(EvalCallback):
     def __init__(self, reward: Any, prompts: Sequence[str], **options: Any) -> None:
         super().__init__(prompts, **options)
         self.reward = reward
-        self.names = [reward.name] + list(getattr(reward, "part_names", []))
-        self._scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
+        self.parts = list(getattr(reward, "part_names", []))
+        self.names = [reward.name] + self.parts
+        self._rows: list[torch.Tensor] = []  # this rank's (b, len(names)) float64 score batches
 
     def _update(self, images: torch.Tensor, prompts: list[str]) -> None:
         param = next(iter(self.reward.parameters()), None) if isinstance(self.reward, nn.Module) else None
         images = images.to(param.device) if param is not None else images
-        # A zscore-composed reward must not learn from evaluation images, and its running-statistics
-        # update is an all-reduce that ranks with different batch counts would not match.
-        frozen = getattr(self.reward, "update_stats", None)
-        if frozen is not None:
-            self.reward.update_stats = False
-        try:
-            if hasattr(self.reward, "evaluate"):
-                output = self.reward.evaluate(images, prompts)
-                scores, details = output.scores, output.details
-            else:
-                scores, details = self.reward(images, prompts), {}
-        finally:
-            if frozen is not None:
-                self.reward.update_stats = frozen
-        self._scores[self.reward.name].append(scores.detach().double().cpu())
-        for name in self.names[1:]:
-            self._scores[name].append(torch.as_tensor(details[name]).detach().double().cpu())
+        if hasattr(self.reward, "evaluate"):
+            output = _evaluate_frozen(self.reward, images, prompts)
+            scores, details = output.scores, output.details
+        else:
+            scores, details = self.reward(images, prompts), {}
+        columns = [scores] + [torch.as_tensor(details[name]) for name in self.parts]
+        self._rows.append(torch.stack([c.detach().double().cpu().reshape(-1) for c in columns], dim=1))
 
     def _reduce(self, accelerator: Any) -> dict[str, float]:
-        sums = torch.zeros(len(self.names), 3, dtype=torch.float64)  # [count, Σ, Σ²] of the finite scores
-        for row, name in enumerate(self.names):
-            values = torch.cat(self._scores[name]) if self._scores[name] else torch.zeros(0, dtype=torch.float64)
-            values = values[torch.isfinite(values)]
-            sums[row] = torch.stack([values.new_tensor(float(values.numel())), values.sum(), (values**2).sum()])
-        sums = sync_sum(sums, accelerator)
+        rows = torch.zeros(len(self.prompts), len(self.names), dtype=torch.float64)
+        local = torch.cat(self._rows) if self._rows else rows[:0]
+        if local.shape[0] != len(self._shard):
+            raise RuntimeError(f"RewardEvalCallback: {local.shape[0]} scored rows for a shard of {len(self._shard)}")
+        rows[self._shard.start : self._shard.stop] = local
+        rows = sync_sum(rows, accelerator)  # each row is non-zero on one rank only: the sum is exact
         result: dict[str, float] = {}
-        for (count, total, total_sq), name in zip(sums.tolist(), self.names):
-            mean = total / count if count else float("nan")
-            variance = (total_sq - count * mean * mean) / (count - 1) if count > 1 else float("nan")
-            result[self._key(f"{name}_mean")] = mean
-            result[self._key(f"{name}_std")] = max(variance, 0.0) ** 0.5 if count > 1 else float("nan")
+        for column, name in enumerate(self.names):
+            values = rows[:, column][torch.isfinite(rows[:, column])]
+            result[self._key(f"{name}_mean")] = float(values.mean()) if values.numel() else math.nan
+            result[self._key(f"{name}_std")] = float(values.std()) if values.numel() > 1 else math.nan
+        if len(self.parts) > 1:
+            parts = {name: rows[:, column + 1] for column, name in enumerate(self.parts)}
+            result.update({self._key(f"{self.reward.name}/{k}"): v for k, v in part_correlations(parts).items()})
         return result
 
     def _reset(self) -> None:
-        self._scores = {name: [] for name in self.names}
+        self._rows = []
+
+    def _alarm_inputs(self, values: dict[str, float]) -> tuple[dict[str, float], dict[str, bool]]:
+        inputs = {f"{name}_mean": values[self._key(f"{name}_mean")] for name in self.names}
+        orientation = {f"{self.reward.name}_mean": bool(getattr(self.reward, "higher_is_better", True))}
+        part = getattr(self.reward, "_part", None)  # ComposedReward's lookup of a part by its name
+        for name in self.parts:
+            orientation[f"{name}_mean"] = bool(getattr(part(name), "higher_is_better", True)) if part else True
+        return inputs, orientation
 
 
-def _build_trainer_callback_class() -> type:
-    from transformers import TrainerCallback
-
-    class EvalTrainerCallback(TrainerCallback):
-        """``transformers.TrainerCallback`` running an ``EvalCallback`` in ``on_step_end``.
-
-        Args:
-            evaluation: A ``FIDEvalCallback`` / ``RewardEvalCallback``.
-            trainer: The trainer, for ``trainer.accelerator`` and ``trainer.log`` (values reach
-                ``state.log_history`` and every ``report_to`` integration). Without it the values are
-                appended to ``state.log_history`` only and the default process group is used.
-        """
-
-        def __init__(self, evaluation: EvalCallback, trainer: Any = None) -> None:
-            self.evaluation, self.trainer = evaluation, trainer
-
-        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
-            if not self.evaluation.should_evaluate(state.global_step):
-                return control
-            accelerator = getattr(self.trainer, "accelerator", None)
-            values = self.evaluation.evaluate(accelerator, step=state.global_step, model=model, log=False)
-            if self.trainer is not None:
-                self.trainer.log(dict(values))
-            else:
-                logger.warning("EvalTrainerCallback without trainer=: values go to state.log_history only, not "
-                               "to report_to integrations; pass trainer=trainer to log through Trainer.log")
-                state.log_history.append({**values, "step": state.global_step})
-            return control
-
-    EvalTrainerCallback.__module__, EvalTrainerCallback.__qualname__ = __name__, "EvalTrainerCallback"
-    return EvalTrainerCallback
-
-
-_TRAINER_CALLBACK: list[type] = []  # the class, built once
-
-
-def _trainer_callback_class() -> type:
-    if not _TRAINER_CALLBACK:
-        _TRAINER_CALLBACK.append(_build_trainer_callback_class())
-    return _TRAINER_CALLBACK[0]
+def _evaluate_frozen(reward: Any, images: torch.Tensor, prompts: list[str]) -> Any:
+    """``reward.evaluate(images, prompts)`` without updating running statistics, never mutating ``reward``."""
+    if not getattr(reward, "update_stats", False):
+        return reward.evaluate(images, prompts)
+    if "update_stats" in inspect.signature(reward.evaluate).parameters:
+        return reward.evaluate(images, prompts, update_stats=False)
+    view = copy.copy(reward)  # shares parts, buffers and statistics; only this flag differs
+    view.update_stats = False
+    return view.evaluate(images, prompts)
 
 
 def __getattr__(name: str) -> Any:
-    # EvalTrainerCallback subclasses transformers.TrainerCallback: built on first use so that importing
-    # this module does not import transformers (accelerate-only loops never need it).
+    # EvalTrainerCallback subclasses transformers.TrainerCallback: built on first use (eval_trainer.py) so
+    # that importing this module does not import transformers (accelerate-only loops never need it).
     if name == "EvalTrainerCallback":
-        return _trainer_callback_class()
+        from rewardkit.integrations.eval_trainer import trainer_callback_class
+
+        return trainer_callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
