@@ -1,38 +1,51 @@
 """Weighted composition of rewards: ``rk.compose({"pickscore": 1.0, "aesthetic": 0.1}, normalize=...)``.
 
-``total = sum_k w_k * n_k(r_k)`` where ``r_k`` is part ``k``'s raw score and ``n_k`` its normalisation:
+``total = sum_k w_k * n_k(r_k)`` over the parts with ``w_k != 0``, where ``r_k`` is part ``k``'s raw score:
 
-* ``"none"``: ``n(r) = r``;
-* ``"affine"``: ``n(r) = (r - shift) / scale`` with fixed per-part ``affine={name: (shift, scale)}``;
-* ``"zscore"``: ``n(r) = (r - mean) / (std + eps)`` with per-part *running* statistics over every
-  score seen so far (this batch included), kept as float64 sums in buffers, so they are saved and
-  restored with ``state_dict`` and all-reduced across processes when ``torch.distributed`` is
-  initialised (then every rank must call the composed reward the same number of times).
+* ``"none"``: ``n(r) = r``;  ``"affine"``: ``n(r) = (r - shift) / scale`` (fixed ``affine={name: (shift, scale)}``);
+* ``"zscore"``: ``n(r) = (r - mean) / (std + eps)`` with per-part *running* statistics over every finite
+  score seen so far, this batch included (float64 sums in buffers: ``state_dict`` saves and resumes them;
+  all-reduced across processes when ``torch.distributed`` is initialised).
 
-Parts that expose the shared-feature protocol and return the same ``feature_key`` (CLIP-family
-rewards on one image tower with the same preprocessing and precision) compute the image features
-once per call.
+Non-finite scores. NaN means "not applicable to this row" (TRL's ``None``): ``nan_policy="skip"`` (default)
+drops the part from the row and rescales the remaining weights to the row's full weight mass ``sum |w|``
+(a row with no applicable part is NaN, with a warning); ``"propagate"`` makes the row NaN. ``±inf`` is a
+real value (PSNR of identical images) and propagates: the row's total is ``±inf``, or NaN when parts of
+opposite sign are infinite (``inf - inf``, with a warning). Z-score statistics never absorb ``±inf``
+(a warning names the rows); such a row normalises to ``±inf``. Weights and affine constants must be finite.
 
-NaN in a part means "not applicable to this row" (TRL's ``None``). ``nan_policy="skip"`` (default)
-drops that part from the row and rescales the remaining weights to the row's full weight mass
-(``sum |w|``); a row with no finite part is NaN (with a warning naming the rows).
-``nan_policy="propagate"`` makes any NaN part NaN the row. Running statistics ignore NaN.
+Concurrency rule: a composition's result never depends on how many threads call it or in which order
+they finish, on one process or many. Each call takes a *ticket* when it enters (or uses one reserved
+earlier with ``reserve()`` in the submitting thread, as ``AsyncRewardScorer`` does), scores its parts
+concurrently with other calls, then waits for its turn: in ticket order it folds its batch into the
+statistics (one all-reduce, issued by the thread whose turn it is, so collectives run in the same order
+on every rank) and reads them, exactly as the sequential run would. A call that raises still takes its
+turn (and its all-reduce, with nothing added), so nobody waits forever and ranks stay in step. Every
+rank must make the same number of calls. ``update_stats=False`` + ``update_statistics(details)`` is the
+explicit-step alternative. Parts not marked ``thread_safe`` are called under a per-part lock.
+Details and the maths: ``docs/composition.md``.
 
-Group-relative advantages (GRPO / DDPO per-prompt normalisation) are not composition; they live in
-``rewardkit.integrations``.
+Parts that expose the shared-feature protocol and return the same ``feature_key`` compute the image
+features once per call (tensor path). ``evaluate_pil`` / ``score_pil`` is the exact path: each part's
+own ``evaluate_pil`` where it has one, the tensor path on ``image_io.to_tensor`` images otherwise.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import threading
 import warnings
-from typing import Any, Literal, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
 
+from rewardkit.errors import check_images, check_prompts
 from rewardkit.protocols import Reward, RewardOutput
 
-__all__ = ["ComposedReward", "RunningStats", "compose"]
+__all__ = ["ComposedReward", "RunningStats", "Ticket", "compose"]
 
 Normalize = Literal["none", "zscore", "affine"]
 NanPolicy = Literal["skip", "propagate"]
@@ -40,7 +53,7 @@ ZSCORE_EPS = 1e-6  # keeps a constant reward from dividing by zero
 
 
 class RunningStats(nn.Module):
-    """Count, sum and sum of squares of a stream of scores (float64 buffers), NaN ignored."""
+    """Count, sum and sum of squares of a stream of scores (float64 buffers); non-finite values ignored."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,17 +61,26 @@ class RunningStats(nn.Module):
         self.register_buffer("total", torch.zeros((), dtype=torch.float64))
         self.register_buffer("total_sq", torch.zeros((), dtype=torch.float64))
 
-    def update(self, values: torch.Tensor, sync: bool = True) -> None:
-        """Add the finite entries of ``values`` (all-reduced across processes when distributed)."""
+    @staticmethod
+    def moments(values: torch.Tensor) -> torch.Tensor:
+        """``(n, sum, sum of squares)`` of the finite entries of ``values`` (float64 ``(3,)``, this process only)."""
         finite = values.detach().double()[torch.isfinite(values.detach())]
-        delta = torch.stack([finite.new_tensor(float(finite.numel())), finite.sum(), (finite**2).sum()])
-        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
-            delta = delta.to(self.count.device)
+        return torch.stack([finite.new_tensor(float(finite.numel())), finite.sum(), (finite**2).sum()])
+
+    def add(self, moments: torch.Tensor) -> None:
+        """Add ``moments`` (``(3,)`` as from :meth:`moments`, possibly all-reduced) to the running sums."""
+        moments = moments.to(self.count.device, torch.float64)
+        self.count += moments[0]
+        self.total += moments[1]
+        self.total_sq += moments[2]
+
+    def update(self, values: torch.Tensor, sync: bool = True) -> None:
+        """Add the finite entries of ``values`` (all-reduced across processes when distributed; call it
+        from one thread at a time, in the same order on every rank)."""
+        delta = self.moments(values).to(self.count.device)
+        if sync and _distributed():
             torch.distributed.all_reduce(delta)
-        delta = delta.to(self.count.device)
-        self.count += delta[0]
-        self.total += delta[1]
-        self.total_sq += delta[2]
+        self.add(delta)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -71,27 +93,88 @@ class RunningStats(nn.Module):
         return variance.clamp_min(0).sqrt()
 
 
-class ComposedReward(Reward):
-    """A weighted sum of rewards, itself a RewardFn (see the module docstring for the maths).
+class Ticket:
+    """A place in a composition's call order (``reward.reserve()``); pass it as ``reward(..., ticket=t)``.
 
-    ``evaluate()`` returns the total and, in ``details``, every part's raw score under its name and
-    its normalised score under ``"<name>/normalized"``.
+    Use each ticket exactly once, or ``release()`` it (e.g. when its job is cancelled): a reserved ticket
+    that is never used nor released blocks every later call of the composition.
+    """
+
+    __slots__ = ("index", "_turns", "_used")
+
+    def __init__(self, index: int, turns: _Turns | None) -> None:
+        self.index, self._turns, self._used = index, turns, False
+
+    def release(self) -> None:
+        """Give the turn up without scoring (no-op once the ticket was used; no collective is issued)."""
+        if self._turns is not None:
+            self._turns.abandon(self)
+
+    def __repr__(self) -> str:
+        return f"Ticket({self.index}, used={self._used})"
+
+
+class _Turns:
+    """Hands out tickets in call order and runs critical sections in ticket order."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.RLock())  # claim() inside abandon()
+        self._issued = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    def take(self) -> Ticket:
+        with self._cond:
+            self._issued += 1
+            return Ticket(self._issued - 1, self)
+
+    def claim(self, ticket: Ticket) -> bool:
+        """Mark ``ticket`` used; False if it already was (or was released)."""
+        if ticket._turns is not self:
+            raise ValueError(f"compose: {ticket!r} was reserved by another composition; pass that one's reserve()")
+        with self._cond:
+            fresh, ticket._used = not ticket._used, True
+            return fresh
+
+    @contextmanager
+    def turn(self, ticket: Ticket) -> Iterator[None]:
+        """Wait until every earlier ticket has had its turn, run the block, pass the turn on (also on error)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._serving == ticket.index)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._advance()
+
+    def abandon(self, ticket: Ticket) -> None:
+        with self._cond:
+            if self.claim(ticket):
+                self._abandoned.add(ticket.index)
+                if self._serving == ticket.index:
+                    self._advance(step=False)
+
+    def _advance(self, step: bool = True) -> None:
+        self._serving += int(step)
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+
+class ComposedReward(Reward):
+    """A weighted sum of rewards, itself a RewardFn (module docstring: maths, NaN/inf, concurrency).
+
+    ``evaluate()`` returns the total and, in ``details``, every part's raw score under its name and its
+    normalised score under ``"<name>/normalized"``. Call it from any number of threads (``thread_safe``).
     """
 
     higher_is_better = True
+    thread_safe = True  # per-part locks + ticketed statistics (module docstring)
 
-    def __init__(
-        self,
-        parts: Mapping[str, Any],
-        weights: Mapping[str, float],
-        *,
-        normalize: Normalize = "none",
-        affine: Mapping[str, tuple[float, float]] | None = None,
-        normalize_weights: bool = False,
-        nan_policy: NanPolicy = "skip",
-        update_stats: bool = True,
-        name: str = "composed",
-    ) -> None:
+    def __init__(self, parts: Mapping[str, Any], weights: Mapping[str, float], *, normalize: Normalize = "none",
+                 affine: Mapping[str, tuple[float, float]] | None = None, normalize_weights: bool = False,
+                 nan_policy: NanPolicy = "skip", update_stats: bool = True, name: str = "composed") -> None:
         super().__init__()
         _check_options(parts, weights, normalize, affine, nan_policy)
         self.name = name
@@ -110,40 +193,134 @@ class ComposedReward(Reward):
         self.stats = nn.ModuleDict({_key(k): RunningStats() for k in self.part_names} if normalize == "zscore" else {})
         self.differentiable = all(bool(getattr(self._part(k), "differentiable", False)) for k in self.part_names)
         self.requires_prompt = any(bool(getattr(self._part(k), "requires_prompt", True)) for k in self.part_names)
+        self._init_sync()
         self.freeze()
+
+    def _init_sync(self) -> None:
+        self._turns = _Turns()
+        self._locks = {k: threading.Lock() for k in self.part_names if not getattr(self._part(k), "thread_safe", False)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_turns"], state["_locks"]  # locks do not pickle; a copy starts with its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_sync()
+
+    @property
+    def stateful(self) -> bool:
+        """True when results depend on earlier calls (``normalize="zscore"``): calls are then ticketed."""
+        return self.normalize == "zscore"
 
     def _part(self, name: str) -> Any:
         return self._callables[name] if name in self._callables else self.parts[_key(name)]
 
-    def _normalized(self, name: str, raw: torch.Tensor) -> torch.Tensor:
-        if self.normalize == "affine":
-            shift, scale = self.affine[name]
-            return (raw - shift) / scale
-        if self.normalize == "zscore":
-            stats = self.stats[_key(name)]
-            if self.update_stats:
-                stats.update(raw)
-            return (raw - stats.mean.to(raw)) / (stats.std.to(raw) + ZSCORE_EPS)
-        return raw
+    def reserve(self) -> Ticket:
+        """Reserve the next place in the call order from the *submitting* thread (before handing the call
+        to a pool), so the order is the submission order; pass it as ``ticket=`` to that call."""
+        return self._turns.take() if self.stateful else Ticket(-1, None)
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
+    def evaluate(self, images: torch.Tensor, prompts: str | list[str] | None = None, *,
+                 ticket: Ticket | None = None, **context: Any) -> RewardOutput:
+        """Score a float ``(B, 3, H, W)`` batch in ``[0, 1]``: total ``(B,)`` float32 plus every part in details."""
+        ticket, update = self._ticket(ticket), self.update_stats
+        try:
+            check_images(self.name, images)
+            prompt_list = check_prompts(self.name, prompts, images.shape[0], self.requires_prompt)
+            raw = self._tensor_raw(self.part_names, images, prompt_list, context)
+        except BaseException:
+            self._statistics(ticket, None, update)  # the failed call still takes (and passes) its turn
+            raise
+        return self._combine(raw, ticket, update)
+
+    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None, *,
+                     ticket: Ticket | None = None, **context: Any) -> RewardOutput:
+        """Exact path: PIL images or files (sizes may differ); each part's own ``evaluate_pil`` where it has
+        one, its tensor path on ``image_io.to_tensor`` images (one call per image size) otherwise."""
+        ticket, update = self._ticket(ticket), self.update_stats
+        try:
+            raw = self._pil_raw(images, prompts, context)
+        except BaseException:
+            self._statistics(ticket, None, update)
+            raise
+        return self._combine(raw, ticket, update)
+
+    def score_pil(self, images: Any, prompts: str | list[str] | None = None, **context: Any) -> torch.Tensor:
+        """``evaluate_pil(...).scores``: float32 ``(B,)``."""
+        return self.evaluate_pil(images, prompts, **context).scores
+
+    def update_statistics(self, raw: Mapping[str, Any], *, ticket: Ticket | None = None) -> None:
+        """Fold raw part scores into the z-score statistics: the explicit-step alternative to
+        ``update_stats=True`` (score with frozen statistics, then update in an order you choose).
+
+        Args:
+            raw: ``{part name: raw scores (B,)}``, e.g. ``evaluate(...).details`` (other keys ignored).
+            ticket: a ``reserve()``d place in the call order; default: the next one.
+        """
+        try:
+            if not self.stateful:
+                raise ValueError(f"{self.name}: update_statistics needs normalize='zscore', got {self.normalize!r}")
+            missing = [k for k in self.part_names if k not in raw]
+            if missing:
+                raise ValueError(f"{self.name}: update_statistics needs raw scores for every part, missing {missing}; "
+                                 "pass evaluate(...).details")
+            values = {k: torch.as_tensor(raw[k]).detach().float().reshape(-1) for k in self.part_names}
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+        self._statistics(self._ticket(ticket), values, True)
+
+    def _ticket(self, ticket: Ticket | None) -> Ticket | None:
+        """The call's place in the order (taken now unless reserved); None when nothing is order-dependent."""
+        if ticket is not None and not isinstance(ticket, Ticket):
+            raise TypeError(f"{self.name}: ticket must come from reward.reserve(), got {type(ticket).__name__}")
+        if not self.stateful:
+            return None
+        if ticket is None:
+            ticket = self._turns.take()
+        if not self._turns.claim(ticket):
+            raise ValueError(f"{self.name}: {ticket!r} was already used or released; reserve() one ticket per call")
+        return ticket
+
+    def _statistics(self, ticket: Ticket | None, raw: Mapping[str, torch.Tensor] | None,
+                    update: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """In ticket order: add this call's moments (one all-reduce for all parts; zeros for a failed call,
+        ``raw=None``) and read ``(mean, std)`` per part. Empty when nothing is order-dependent."""
+        if ticket is None:
+            return {}
+        stats = [self.stats[_key(k)] for k in self.part_names]
+        with self._turns.turn(ticket):
+            if update:
+                device = stats[0].count.device
+                if raw is None:
+                    local = torch.zeros(len(stats), 3, dtype=torch.float64, device=device)
+                else:
+                    _warn_infinite(self.name, raw)
+                    local = torch.stack([RunningStats.moments(raw[k]).to(device) for k in self.part_names])
+                if _distributed():  # issued by the thread whose turn it is: same order on every rank
+                    torch.distributed.all_reduce(local)
+                for part_stats, row in zip(stats, local):
+                    part_stats.add(row)
+            return {k: (s.mean.clone(), s.std.clone()) for k, s in zip(self.part_names, stats)}
+
+    def _combine(self, raw: dict[str, torch.Tensor], ticket: Ticket | None, update: bool) -> RewardOutput:
+        moments = self._statistics(ticket, raw, update)
         details: dict[str, Any] = {}
         weighted, masses = [], []
-        shared: dict[Any, Any] = {}  # feature_key -> features, computed once per call
         for name in self.part_names:
-            raw = self._raw_score(name, images, prompts, shared, context).float()  # (B,)
-            if raw.shape != (images.shape[0],):
-                raise ValueError(f"compose: part {name!r} returned shape {tuple(raw.shape)}, expected ({images.shape[0]},)")
-            normalized = self._normalized(name, raw)
-            details[name], details[f"{name}/normalized"] = raw.detach(), normalized.detach()
-            finite = torch.isfinite(normalized)
+            normalized = self._normalized(name, raw[name], moments.get(name))
+            details[name], details[f"{name}/normalized"] = raw[name].detach(), normalized.detach()
             weight = self.weights[name]
-            weighted.append(torch.where(finite, weight * normalized, torch.zeros_like(normalized)))
-            masses.append(finite.to(normalized.dtype) * abs(weight))
-        total = torch.stack(weighted).sum(0)  # (B,)
-        masses_all = torch.stack(masses)  # (parts, B)
-        present = masses_all.sum(0)  # (B,) weight mass of the finite parts per row
-        complete = (masses_all > 0).sum(0) == sum(1 for w in self.weights.values() if w != 0)  # no NaN part
+            if weight == 0:  # reported, never summed (0 * inf would be NaN)
+                continue
+            applicable = ~torch.isnan(normalized)  # NaN = not applicable; +-inf is a value and propagates
+            weighted.append(torch.where(applicable, weight * normalized, torch.zeros_like(normalized)))
+            masses.append(applicable.to(normalized.dtype) * abs(weight))
+        terms, mass = torch.stack(weighted), torch.stack(masses)  # (parts, B)
+        total, present, complete = terms.sum(0), mass.sum(0), (mass > 0).all(0)
         nan = torch.full_like(total, float("nan"))
         if self.nan_policy == "propagate":
             total = torch.where(complete, total, nan)
@@ -152,22 +329,93 @@ class ComposedReward(Reward):
             rescaled = total * (full / present.clamp_min(1e-30))
             total = torch.where(complete, total, torch.where(present > 0, rescaled, nan))
         empty = (present == 0).nonzero().flatten().tolist()
-        if empty:
-            warnings.warn(f"{self.name}: rows {empty} have no finite part; their total is NaN", stacklevel=3)
+        if empty and self.nan_policy == "skip":
+            warnings.warn(f"{self.name}: rows {empty} have no applicable (non-NaN) part; their total is NaN",
+                          stacklevel=3)
+        clash = ((terms == math.inf).any(0) & (terms == -math.inf).any(0)).nonzero().flatten().tolist()
+        if clash:
+            warnings.warn(f"{self.name}: rows {clash} have parts at +inf and -inf; their total is NaN (inf - inf)",
+                          stacklevel=3)
         return RewardOutput(total, details)
 
-    def _raw_score(self, name: str, images: torch.Tensor, prompts, shared: dict, context: dict) -> torch.Tensor:
-        """One part's scores; parts that expose the shared-feature protocol (``feature_key``,
-        ``features``, ``score_features``; e.g. CLIP rewards on one tower with one preprocessing) run
-        their backbone once per call for all of them."""
-        part = self._part(name)
-        key = part.feature_key(images) if hasattr(part, "feature_key") else None
-        if key is None:
-            return part(images, prompts, **context)
-        if key not in shared:
-            shared[key] = part.features(images)
-        part_prompts = prompts if getattr(part, "requires_prompt", True) else None
-        return part.score_features(shared[key], part_prompts).scores.to(images.device)
+    def _normalized(self, name: str, raw: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if self.normalize == "affine":
+            shift, scale = self.affine[name]
+            return (raw - shift) / scale
+        if self.normalize == "zscore":
+            mean, std = moments
+            return (raw - mean.to(raw)) / (std.to(raw) + ZSCORE_EPS)
+        return raw
+
+    def _lock(self, name: str) -> Any:
+        lock = self._locks.get(name)
+        return lock if lock is not None else nullcontext()
+
+    def _tensor_raw(self, names: list[str], images: torch.Tensor, prompts: list[str] | None,
+                    context: dict) -> dict[str, torch.Tensor]:
+        """Raw float32 ``(B,)`` scores of ``names``; parts that expose the shared-feature protocol
+        (``feature_key``, ``features``, ``score_features``; e.g. CLIP rewards on one tower with one
+        preprocessing) run their backbone once per call for all of them."""
+        shared: dict[Any, Any] = {}  # feature_key -> features, computed once per call
+        out = {}
+        for name in names:
+            part = self._part(name)
+            with self._lock(name):
+                key = part.feature_key(images) if hasattr(part, "feature_key") else None
+                if key is None:
+                    raw = part(images, prompts, **context)
+                else:
+                    if key not in shared:
+                        shared[key] = part.features(images)
+                    part_prompts = prompts if getattr(part, "requires_prompt", True) else None
+                    raw = part.score_features(shared[key], part_prompts).scores.to(images.device)
+            out[name] = _checked(name, raw, images.shape[0])
+        return out
+
+    def _pil_raw(self, images: Any, prompts: Any, context: dict) -> dict[str, torch.Tensor]:
+        from rewardkit.image_io import as_rgb_images
+
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError(f"{self.name}: expected at least one image, got an empty list")
+        pil = as_rgb_images(items)
+        prompt_list = check_prompts(self.name, prompts, len(pil), self.requires_prompt)
+        exact = [k for k in self.part_names if callable(getattr(self._part(k), "evaluate_pil", None))]
+        raw = {}
+        for name in exact:
+            method = self._part(name).evaluate_pil
+            with self._lock(name):  # context goes where the part's exact path takes it (its tensor path ignores it)
+                out = method(pil, prompt_list, **(context if _takes_context(method) else {}))
+            raw[name] = _checked(name, out.scores, len(pil))
+        rest = [k for k in self.part_names if k not in raw]
+        if rest:
+            raw.update(self._per_size_raw(rest, pil, prompt_list, context))
+        device = raw[self.part_names[0]].device
+        return {k: raw[k].to(device) for k in self.part_names}
+
+    def _per_size_raw(self, names: list[str], pil: list, prompts: list[str] | None,
+                      context: dict) -> dict[str, torch.Tensor]:
+        """Tensor path for parts without an exact path: one batch per image size, rows put back in order."""
+        from rewardkit.image_io import to_tensor
+
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, image in enumerate(pil):
+            groups.setdefault(image.size, []).append(row)
+        if len(groups) > 1 and context:
+            raise ValueError(f"{self.name}: {sorted(context)} given with images of {len(groups)} sizes; parts "
+                             f"{names} have no exact path and are scored per size; pass images of one size")
+        device = next((p.device for k in names if isinstance(self._part(k), nn.Module)
+                       for p in self._part(k).parameters()), torch.device("cpu"))
+        out: dict[str, torch.Tensor] = {}
+        for rows in groups.values():
+            batch = to_tensor([pil[i] for i in rows]).to(device)
+            sub = self._tensor_raw(names, batch, None if prompts is None else [prompts[i] for i in rows], context)
+            if len(groups) == 1:
+                return sub
+            index = torch.tensor(rows)
+            for name, values in sub.items():
+                out.setdefault(name, torch.full((len(pil),), math.nan, device=values.device))[index.to(values.device)] = values
+        return out
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, normalize={self.normalize!r}, nan_policy={self.nan_policy!r}"
@@ -175,6 +423,33 @@ class ComposedReward(Reward):
 
 def _key(name: str) -> str:
     return name.replace(".", "_")  # ModuleDict keys cannot contain "."
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _takes_context(method: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(method).parameters.values())
+
+
+def _checked(name: str, raw: Any, batch: int) -> torch.Tensor:
+    if not isinstance(raw, torch.Tensor) or raw.shape != (batch,):
+        got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise ValueError(f"compose: part {name!r} returned {got}, expected a tensor of shape ({batch},)")
+    return raw.float()
+
+
+def _warn_infinite(name: str, raw: Mapping[str, torch.Tensor]) -> None:
+    for part, values in raw.items():
+        rows = torch.isinf(values).nonzero().flatten().tolist()
+        if rows:
+            warnings.warn(f"{name}: z-score statistics of {part!r} ignore rows {rows} (+-inf); those rows "
+                          "normalise to +-inf", stacklevel=4)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_options(parts, weights, normalize, affine, nan_policy) -> None:
@@ -185,16 +460,30 @@ def _check_options(parts, weights, normalize, affine, nan_policy) -> None:
     if nan_policy not in ("skip", "propagate"):
         raise ValueError(f"compose: nan_policy must be 'skip' or 'propagate', got {nan_policy!r}")
     for name in parts:
-        weight = weights.get(name)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight != weight:
-            raise ValueError(f"compose: the weight of {name!r} must be a finite number, got {weight!r}")
+        if not _finite_number(weights.get(name)):
+            raise ValueError(f"compose: the weight of {name!r} must be a finite number, got {weights.get(name)!r}")
+    if all(weights[name] == 0 for name in parts):
+        raise ValueError("compose: every weight is 0; give at least one part a non-zero weight")
+    if affine is not None and normalize != "affine":
+        raise ValueError(f"compose: affine= is only used with normalize='affine', got normalize={normalize!r}; "
+                         "drop affine= or set normalize='affine'")
     if normalize == "affine":
-        missing = [n for n in parts if n not in (affine or {})]
-        if missing:
-            raise ValueError(f"compose: normalize='affine' needs affine={{name: (shift, scale)}} for {missing}")
-        zero = [n for n in parts if (affine or {})[n][1] == 0]
-        if zero:
-            raise ValueError(f"compose: affine scale must be non-zero, got 0 for {zero}")
+        _check_affine(parts, affine or {})
+
+
+def _check_affine(parts, affine: Mapping[str, Any]) -> None:
+    missing = [n for n in parts if n not in affine]
+    if missing:
+        raise ValueError(f"compose: normalize='affine' needs affine={{name: (shift, scale)}} for {missing}")
+    unknown = [n for n in affine if n not in parts]
+    if unknown:
+        raise ValueError(f"compose: affine names {unknown} are not parts of the composition {list(parts)}")
+    for name in parts:
+        pair = affine[name]
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_finite_number(v) for v in pair)):
+            raise ValueError(f"compose: affine[{name!r}] must be (shift, scale) with finite numbers, got {pair!r}")
+        if pair[1] == 0:
+            raise ValueError(f"compose: affine scale must be non-zero, got 0 for {name!r}")
 
 
 def compose(
@@ -204,6 +493,7 @@ def compose(
     affine: Mapping[str, tuple[float, float]] | None = None,
     normalize_weights: bool = False,
     nan_policy: NanPolicy = "skip",
+    update_stats: bool = True,
     device: Any = None,
     dtype: Any = None,
     load_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -212,13 +502,14 @@ def compose(
     """Build a weighted sum of rewards from a plain dict (e.g. parsed from YAML).
 
     Args:
-        rewards: ``{registry name or RewardFn instance: weight}``. Names are loaded with
-            ``rk.load(name, device=device, dtype=dtype, **load_options.get(name, {}))``; an instance's
-            ``name`` attribute is its key (duplicates raise).
+        rewards: ``{registry name or RewardFn instance: weight}``; weights are finite, not all 0. Names are
+            loaded with ``rk.load(name, device=device, dtype=dtype, **load_options.get(name, {}))``; an
+            instance's ``name`` attribute is its key (duplicates raise).
         normalize: ``"none"``, ``"zscore"`` or ``"affine"`` (module docstring).
-        affine: ``{name: (shift, scale)}`` for ``normalize="affine"``.
+        affine: ``{name: (shift, scale)}`` (finite, scale != 0), only with ``normalize="affine"``.
         normalize_weights: divide the weights by their sum (MixGRPO's convention).
         nan_policy: ``"skip"`` (default) or ``"propagate"``.
+        update_stats: ``False`` freezes the z-score statistics (update them with ``update_statistics``).
         device, dtype: for rewards loaded by name.
         load_options: per-name ``rk.load`` options (``weights=``, ``config=``, ...).
         name: the composed reward's name (log key).
@@ -241,4 +532,4 @@ def compose(
             raise ValueError(f"compose: two members are named {key!r}; give one of them another .name")
         parts[key], weights[key] = reward, weight
     return ComposedReward(parts, weights, normalize=normalize, affine=affine, normalize_weights=normalize_weights,
-                          nan_policy=nan_policy, name=name)
+                          nan_policy=nan_policy, update_stats=update_stats, name=name)

@@ -13,10 +13,17 @@ batch, and call ``.result()`` later; trl <= 0.23 does the same with ``async_rewa
   tensors cannot be saved for backward" error;
 * exceptions raised by the reward surface on ``future.result()``; ``map`` yields in submission order.
 
-Thread safety and threads:
+Thread safety, threads and order:
 
 * One reward instance per worker thread: rewards keep per-instance state (the CLIP prompt-embedding
-  cache is a plain ``OrderedDict``), so ``max_workers > 1`` needs a list of instances, one each.
+  cache is a plain ``OrderedDict``), so ``max_workers > 1`` needs a list of instances, one each, unless
+  the reward is marked ``thread_safe`` (an ``rk.compose(...)``): then one instance serves every worker.
+* Results never depend on the number of workers or on which job finishes first (the concurrency rule of
+  ``rewardkit.compose``): for a reward with ``reserve()`` (a composition), ``submit`` reserves the job's
+  place in the call order in the caller's thread, so a z-score composition folds batches into its
+  statistics in submission order, as a sequential loop would, on every rank. A cancelled job gives its
+  place up. Stateful rewards (``stateful``, a z-score composition) must be one shared instance: several
+  instances would each keep their own statistics, so they are refused.
 * Do not use the same instance elsewhere (e.g. ``reward_loss(..., checkpoint=True)``) while it is being
   scored here. Do not modify submitted images in place until their future is done (or pass
   ``clone_inputs=True``).
@@ -57,8 +64,10 @@ class AsyncRewardScorer:
         ...     rewards = [future.result() for future in pending]
 
     Args:
-        reward: a RewardFn, or a sequence of RewardFn instances, one per worker thread.
-        max_workers: worker threads; default (and required value) = the number of instances given.
+        reward: a RewardFn, or a sequence of RewardFn instances, one per worker thread; one ``thread_safe``
+            reward (``rk.compose(...)``) may serve any number of workers.
+        max_workers: worker threads; default = the number of instances given (required value unless the
+            reward is ``thread_safe``).
         device: where images are scored; ``None`` -> the reward's device (its first parameter's) when it
             has parameters, else wherever the images are.
         clone_inputs: clone images in ``submit`` (the caller may then overwrite its buffer at once).
@@ -79,7 +88,12 @@ class AsyncRewardScorer:
         workers = len(rewards) if max_workers is None else int(max_workers)
         if workers < 1:
             raise ValueError(f"AsyncRewardScorer: max_workers must be >= 1, got {max_workers}")
-        if len(rewards) != workers:
+        if len(rewards) > 1 and any(getattr(item, "stateful", False) for item in rewards):
+            raise ValueError("AsyncRewardScorer: stateful rewards (z-score compositions) keep one set of statistics; "
+                             f"pass one shared instance, AsyncRewardScorer(reward, max_workers={workers})")
+        # A thread-safe reward (rk.compose) serves every worker; others need one instance per worker.
+        self._shared = len(rewards) == 1 and bool(getattr(rewards[0], "thread_safe", False))
+        if len(rewards) != workers and not self._shared:
             raise ValueError(
                 f"AsyncRewardScorer: {workers} workers need {workers} reward instances (rewards are not "
                 f"thread-safe), got {len(rewards)}; pass AsyncRewardScorer([rk.load(name) for _ in range({workers})])"
@@ -106,7 +120,7 @@ class AsyncRewardScorer:
 
     def _claim(self) -> None:
         """Worker initializer: take one reward instance for this thread for its lifetime."""
-        self._local.reward = self._free.get_nowait()
+        self._local.reward = self.rewards[0] if self._shared else self._free.get_nowait()
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
 
@@ -143,7 +157,20 @@ class AsyncRewardScorer:
         images = images.detach()
         if self.clone_inputs:
             images = images.clone()
-        return self._executor.submit(self._score, images, prompts, dict(context), details)
+        context = dict(context)
+        reserve = getattr(self.rewards[0], "reserve", None) if len(self.rewards) == 1 else None
+        ticket = reserve() if callable(reserve) else None  # the place in the call order = submission order
+        if ticket is not None:
+            context["ticket"] = ticket
+        try:
+            future = self._executor.submit(self._score, images, prompts, context, details)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+        if ticket is not None:  # a job cancelled before it ran gives its place up (later jobs would wait)
+            future.add_done_callback(lambda done: ticket.release() if done.cancelled() else None)
+        return future
 
     def submit(self, images: torch.Tensor, prompts: str | Sequence[str] | None = None, **context: Any) -> Future:
         """Queue one batch; returns at once.
