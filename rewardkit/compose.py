@@ -205,6 +205,12 @@ class ComposedReward(Reward):
         del state["_turns"], state["_locks"]  # locks do not pickle; a copy starts with its own
         return state
 
+    def __copy__(self) -> ComposedReward:
+        # A shallow copy (e.g. a view with another update_stats) shares parts, statistics and the call order.
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._init_sync()
@@ -222,10 +228,14 @@ class ComposedReward(Reward):
         to a pool), so the order is the submission order; pass it as ``ticket=`` to that call."""
         return self._turns.take() if self.stateful else Ticket(-1, None)
 
-    def evaluate(self, images: torch.Tensor, prompts: str | list[str] | None = None, *,
-                 ticket: Ticket | None = None, **context: Any) -> RewardOutput:
-        """Score a float ``(B, 3, H, W)`` batch in ``[0, 1]``: total ``(B,)`` float32 plus every part in details."""
-        ticket, update = self._ticket(ticket), self.update_stats
+    def evaluate(self, images: torch.Tensor, prompts: str | list[str] | None = None, *, ticket: Ticket | None = None,
+                 update_stats: bool | None = None, **context: Any) -> RewardOutput:
+        """Score a float ``(B, 3, H, W)`` batch in ``[0, 1]``: total ``(B,)`` float32 plus every part in details.
+
+        ``ticket``: a ``reserve()``d place in the call order; ``update_stats``: this call only (default: the
+        attribute), e.g. ``False`` to evaluate without teaching the statistics and without mutating ``self``.
+        """
+        ticket, update = self._ticket(ticket), self.update_stats if update_stats is None else bool(update_stats)
         try:
             check_images(self.name, images)
             prompt_list = check_prompts(self.name, prompts, images.shape[0], self.requires_prompt)
@@ -235,11 +245,12 @@ class ComposedReward(Reward):
             raise
         return self._combine(raw, ticket, update)
 
-    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None, *,
-                     ticket: Ticket | None = None, **context: Any) -> RewardOutput:
+    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None, *, ticket: Ticket | None = None,
+                     update_stats: bool | None = None, **context: Any) -> RewardOutput:
         """Exact path: PIL images or files (sizes may differ); each part's own ``evaluate_pil`` where it has
-        one, its tensor path on ``image_io.to_tensor`` images (one call per image size) otherwise."""
-        ticket, update = self._ticket(ticket), self.update_stats
+        one, its tensor path on ``image_io.to_tensor`` images (one call per image size) otherwise. Same
+        combination, statistics and tickets as ``evaluate``."""
+        ticket, update = self._ticket(ticket), self.update_stats if update_stats is None else bool(update_stats)
         try:
             raw = self._pil_raw(images, prompts, context)
         except BaseException:

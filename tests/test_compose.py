@@ -143,6 +143,114 @@ def test_bad_configurations_raise() -> None:
         compose({Table("a", [1.0]): 1.0, Table("b", [1.0]): -1.0}, normalize_weights=True)
 
 
+@pytest.mark.parametrize("weight", [float("inf"), float("-inf"), float("nan"), True])
+def test_weights_must_be_finite_numbers(weight) -> None:
+    with pytest.raises(ValueError, match="finite number"):
+        compose({Table("a", [1.0]): weight})
+
+
+@pytest.mark.parametrize("pair", [(float("nan"), 1.0), (0.0, float("inf")), (float("-inf"), 2.0), (1.0,), "a", (1.0, 0)])
+def test_affine_constants_must_be_finite_pairs_with_a_non_zero_scale(pair) -> None:
+    with pytest.raises(ValueError, match=r"affine\[|non-zero"):
+        compose({Table("a", [1.0]): 1.0}, normalize="affine", affine={"a": pair})
+
+
+def test_affine_options_that_would_be_ignored_raise() -> None:
+    with pytest.raises(ValueError, match="only used with normalize='affine'"):
+        compose({Table("a", [1.0]): 1.0}, affine={"a": (0.0, 1.0)})
+    with pytest.raises(ValueError, match="not parts"):
+        compose({Table("a", [1.0]): 1.0}, normalize="affine", affine={"a": (0.0, 1.0), "typo": (0.0, 1.0)})
+    with pytest.raises(ValueError, match="every weight is 0"):
+        compose({Table("a", [1.0]): 0.0})
+
+
+def test_infinity_propagates_while_nan_means_not_applicable() -> None:
+    inf = float("inf")
+    a, b = Table("a", [inf, 1.0, inf, 2.0]), Table("b", [1.0, float("nan"), -inf, -inf])
+    images = torch.zeros(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"rows \[2\] have parts at \+inf and -inf"):
+        total = compose({a: 1.0, b: 2.0}).evaluate(images).scores
+    assert total[0].item() == inf  # inf is a value, not "not applicable"
+    assert total[1].item() == pytest.approx(1.0 * 3.0)  # b not applicable: a's term rescaled to mass 3
+    assert torch.isnan(total[2])  # inf - inf
+    assert total[3].item() == -inf
+    propagated = compose({a: 1.0, b: 2.0}, nan_policy="propagate")(images[:2])
+    assert propagated[0].item() == inf and torch.isnan(propagated[1])
+
+
+def test_psnr_of_identical_images_makes_the_total_infinite() -> None:
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    psnr = rk.load("psnr")(x, reference=x)
+    assert torch.isinf(psnr).all()  # the premise: PSNR of identical images is +inf
+    total = rk.compose({"psnr": 1.0, "ssim": 1.0})(x, reference=x)
+    assert torch.equal(total, torch.full((2,), float("inf")))
+
+
+def test_a_zero_weight_part_is_reported_but_never_summed() -> None:
+    out = compose({Table("a", [1.0, 2.0]): 1.0, Table("b", [float("inf"), float("nan")]): 0.0}).evaluate(IMAGES[:2])
+    torch.testing.assert_close(out.scores, torch.tensor([1.0, 2.0]))
+    assert out.details["b"][0].item() == float("inf")
+
+
+def test_zscore_statistics_refuse_infinite_rows_with_a_warning() -> None:
+    reward = compose({Table("a", [1.0, float("inf"), 3.0]): 1.0}, normalize="zscore")
+    with pytest.warns(UserWarning, match=r"ignore rows \[1\]"):
+        total = reward(IMAGES)
+    stats = reward.stats["a"]
+    assert stats.count.item() == 2 and stats.mean.item() == 2.0 and stats.std.item() == 1.0
+    torch.testing.assert_close(total, torch.tensor([-1.0 / (1 + 1e-6), float("inf"), 1.0 / (1 + 1e-6)]))
+
+
+def test_update_stats_per_call_and_shallow_copies_share_statistics_and_order() -> None:
+    import copy
+
+    reward = compose({Table("a", [1.0, 2.0, 3.0]): 1.0}, normalize="zscore")
+    reward(IMAGES)
+    before = {k: v.clone() for k, v in reward.state_dict().items()}
+    frozen = reward.evaluate(IMAGES, update_stats=False)
+    assert reward.update_stats and all(torch.equal(before[k], v) for k, v in reward.state_dict().items())
+    torch.testing.assert_close(frozen.scores, reward(IMAGES))  # same statistics read (the batch repeats)
+    view = copy.copy(reward)
+    view.update_stats = False
+    assert reward.update_stats and view.stats is reward.stats and view._turns is reward._turns
+    clone = pickle.loads(pickle.dumps(reward))  # a pickled copy has its own call order and statistics
+    assert clone._turns is not reward._turns and torch.equal(clone.stats["a"].count, reward.stats["a"].count)
+    torch.testing.assert_close(clone(IMAGES), reward(IMAGES))
+
+
+def test_exact_path_combines_each_parts_own_exact_path(tiny_reward) -> None:
+    from image_samples import random_pil_images
+
+    from rewardkit.image_io import to_tensor
+    from rewardkit.testing.toy_rewards import MeanBrightness
+
+    pick, brightness = tiny_reward("pickscore"), MeanBrightness()
+    assert hasattr(pick, "evaluate_pil") and not hasattr(brightness, "evaluate_pil")
+    images = random_pil_images([(40, 32), (24, 48), (40, 32), (33, 33)], seed=3)  # mixed sizes
+    prompts = ["a cat", "a dog", "an owl", "a red car"]
+    manual_pick = pick.score_pil(images, prompts)
+    manual_bright = torch.cat([brightness(to_tensor(image)) for image in images])  # one image at a time
+    total = compose({pick: 1.0, brightness: 0.5})
+    torch.testing.assert_close(total.score_pil(images, prompts), manual_pick + 0.5 * manual_bright)
+    out = total.evaluate_pil(images, prompts)
+    assert torch.equal(out.details["pickscore"], manual_pick)
+    torch.testing.assert_close(out.details["brightness"], manual_bright)
+    with pytest.raises(ValueError, match="one size"):
+        total.evaluate_pil(images, prompts, reference=torch.zeros(4, 3, 8, 8))
+
+    zscore = compose({pick: 1.0, brightness: 0.5}, normalize="zscore")
+    halves = [(images[:2], prompts[:2]), (images[2:], prompts[2:])]
+    got = [zscore.score_pil(batch, texts) for batch, texts in halves]
+    seen = {"pick": manual_pick.double(), "bright": manual_bright.double()}
+    for k, (start, stop) in enumerate([(0, 2), (2, 4)]):
+        expected = torch.zeros(stop - start, dtype=torch.float64)
+        for key, weight in (("pick", 1.0), ("bright", 0.5)):
+            upto = seen[key][:stop]  # statistics after calls 0..k, this batch included
+            expected += weight * (seen[key][start:stop] - upto.mean()) / (upto.std(unbiased=False) + 1e-6)
+        torch.testing.assert_close(got[k].double(), expected, rtol=1e-5, atol=1e-5)
+    assert zscore.stats["pickscore"].count.item() == 4
+
+
 def test_weights_that_do_not_sum_exactly_in_float32_keep_complete_rows() -> None:
     reward = compose({Table("a", [1.0, 2.0, 3.0]): 0.1, Table("b", [1.0, 1.0, 1.0]): 0.2}, nan_policy="propagate")
     torch.testing.assert_close(reward(IMAGES), torch.tensor([0.3, 0.4, 0.5]))

@@ -131,3 +131,34 @@ def test_bad_use_is_reported() -> None:
         scorer.submit(batches(1)[0])
     with pytest.raises(ValueError, match="max_workers"):
         AsyncRewardScorer(Brightness(), max_workers=0)
+
+
+def test_a_zscore_composition_is_one_shared_instance_scored_in_submission_order() -> None:
+    import rewardkit as rk
+
+    with pytest.raises(ValueError, match="one shared instance"):
+        AsyncRewardScorer([rk.compose({Brightness(): 1.0}, normalize="zscore") for _ in range(2)])
+    inputs = batches(6)
+    sequential = rk.compose({Brightness(): 1.0}, normalize="zscore")
+    expected = [sequential(x) for x in inputs]
+    shared = rk.compose({Brightness(): 1.0}, normalize="zscore")
+    with AsyncRewardScorer(shared, max_workers=4) as scorer:  # thread_safe: one instance, four workers
+        got = list(scorer.map(inputs))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(shared.stats["brightness"].total, sequential.stats["brightness"].total)
+
+
+def test_a_cancelled_job_gives_its_place_in_the_order_up() -> None:
+    import rewardkit as rk
+
+    gate = Gated()
+    reward = rk.compose({gate: 1.0}, normalize="zscore")
+    x = batches(1)[0]
+    with AsyncRewardScorer(reward) as scorer:  # one worker: jobs 1 and 2 queue behind job 0
+        first, cancelled, last = scorer.submit(x), scorer.submit(x), scorer.submit(x)
+        assert gate.started.wait(WAIT_S)
+        assert cancelled.cancel()  # still queued: cancelled, its ticket released
+        gate.release.set()
+        first.result(timeout=WAIT_S)
+        last.result(timeout=WAIT_S)  # would wait forever for the cancelled ticket otherwise
+    assert reward.stats["gated"].count.item() == 4
