@@ -21,6 +21,9 @@ import torch  # noqa: E402
 # The recipe tests' shared checks live in tests/recipe_harness.py: keep pytest's detailed assertion messages there.
 pytest.register_assert_rewrite("recipe_harness")
 
+# trl 0.23's DDPOTrainer tests need their own environment (.venv-trl023, built and run by .ci/run).
+collect_ignore = ["legacy_trl023"]
+
 _real_connect = socket.socket.connect
 
 
