@@ -111,6 +111,7 @@ class AsyncRewardScorer:
         for item in rewards:
             self._free.put(item)
         self._local = threading.local()
+        self._submit_lock = threading.Lock()
         self._closed = False
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_NAME_PREFIX, initializer=self._claim)
 
@@ -159,15 +160,18 @@ class AsyncRewardScorer:
             images = images.clone()
         context = dict(context)
         reserve = getattr(self.rewards[0], "reserve", None) if len(self.rewards) == 1 else None
-        ticket = reserve() if callable(reserve) else None  # the place in the call order = submission order
-        if ticket is not None:
-            context["ticket"] = ticket
-        try:
-            future = self._executor.submit(self._score, images, prompts, context, details)
-        except BaseException:
+        # Reserve and queue atomically: the place in the call order is the place in the queue (callers on
+        # several threads could otherwise queue a later ticket before an earlier one, and one worker deadlock).
+        with self._submit_lock:
+            ticket = reserve() if callable(reserve) else None
             if ticket is not None:
-                ticket.release()
-            raise
+                context["ticket"] = ticket
+            try:
+                future = self._executor.submit(self._score, images, prompts, context, details)
+            except BaseException:
+                if ticket is not None:
+                    ticket.release()
+                raise
         if ticket is not None:  # a job cancelled before it ran gives its place up (later jobs would wait)
             future.add_done_callback(lambda done: ticket.release() if done.cancelled() else None)
         return future
