@@ -22,9 +22,15 @@ class _Opaque:
 
 
 @pytest.fixture(autouse=True)
-def _online_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("HF_HUB_OFFLINE", "REWARDKIT_OFFLINE"):
+def _online_env(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Online mode with a hub that answers: resolve_weights's bounded repo_info request is recorded."""
+    import huggingface_hub
+
+    for var in ("HF_HUB_OFFLINE", "REWARDKIT_OFFLINE", "REWARDKIT_DOWNLOAD_TIMEOUT", "REWARDKIT_DOWNLOAD_DEADLINE"):
         monkeypatch.delenv(var, raising=False)
+    probes: list = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, *a, **k: probes.append((a, k)))
+    return probes
 
 
 def _recorder(calls: list, result: str):
@@ -139,7 +145,7 @@ def test_file_sha256_streams_and_caches(tmp_path, monkeypatch: pytest.MonkeyPatc
 # --- resolution: Hugging Face (faked) ----------------------------------------------------------------
 
 
-def test_hf_file_online(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_hf_file_online(monkeypatch: pytest.MonkeyPatch, tmp_path, _online_env: list) -> None:
     import huggingface_hub
 
     target = tmp_path / "model.safetensors"
@@ -150,7 +156,8 @@ def test_hf_file_online(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
                             sha256=hashlib.sha256(b"abc").hexdigest())
     assert out == target
     assert calls == [((), {"repo_id": "owner/repo", "filename": "sub/dir/model.safetensors",
-                           "revision": "v2", "local_files_only": False})]
+                           "revision": "v2", "local_files_only": False, "etag_timeout": 30.0})]
+    assert _online_env == [(("owner/repo",), {"revision": "v2", "timeout": 30.0})]  # the bounded first request
 
 
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "REWARDKIT_OFFLINE"])
@@ -164,9 +171,10 @@ def test_hf_offline_uses_cache_only(monkeypatch: pytest.MonkeyPatch, tmp_path, v
     W.resolve_weights("hf:owner/repo/f.pt")
     W.resolve_weights("hf:owner/repo", allow_patterns=["*.json", "*.safetensors"])
     assert calls == [
-        ((), {"repo_id": "owner/repo", "filename": "f.pt", "revision": None, "local_files_only": True}),
+        ((), {"repo_id": "owner/repo", "filename": "f.pt", "revision": None, "local_files_only": True,
+              "etag_timeout": 30.0}),
         ((), {"repo_id": "owner/repo", "revision": None, "allow_patterns": ["*.json", "*.safetensors"],
-              "local_files_only": True}),
+              "local_files_only": True, "etag_timeout": 30.0}),
     ]
 
 
@@ -428,15 +436,59 @@ def test_url_offline_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_path) -> No
 
 
 def test_url_online_downloads_with_hash_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A real HTTP download from a loopback server: streamed into torch.hub's cache once, its sha256 prefix
+    (torch.hub's "name-<hex>.ext" convention) checked, a mismatch refused without leaving a file."""
+    import http.server
+    import threading
+
+    payload = b"weights" * 1000
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    calls = []
+    base = f"http://127.0.0.1:{server.server_address[1]}/models"
+    try:
+        path = W.resolve_weights(f"{base}/vgg16-{prefix}.pth")
+        assert path == tmp_path / "checkpoints" / f"vgg16-{prefix}.pth" and path.read_bytes() == payload
+        W.resolve_weights(f"{base}/vgg16-{prefix}.pth")
+        assert requests == [f"/models/vgg16-{prefix}.pth"], "a cached file must not be downloaded again"
+        with pytest.raises(ValueError, match="sha256 .* not the 0badc0de"):
+            W.resolve_weights(f"{base}/other-0badc0de.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"vgg16-{prefix}.pth"]
 
-    def fake_download(url, dst, hash_prefix=None):
-        calls.append((url, hash_prefix))
-        pathlib.Path(dst).write_bytes(b"weights")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    path = W.resolve_weights("https://download.pytorch.org/models/vgg16-397923af.pth")
-    assert path.read_bytes() == b"weights" and calls == [("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af")]
-    W.resolve_weights("https://download.pytorch.org/models/vgg16-397923af.pth")
-    assert len(calls) == 1, "a cached file must not be downloaded again"
+def test_hf_unreachable_uses_the_cached_copy(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The bounded first request fails (no answer): a cached file is used with a warning, as huggingface_hub
+    itself does; a missing one is a DownloadTimeoutError."""
+    import huggingface_hub
+
+    def no_answer(self, *args, **kwargs):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", no_answer)
+    calls: list = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _recorder(calls, str(tmp_path)))
+    with pytest.warns(UserWarning, match="could not be reached .* using the cached copy"):
+        assert W.resolve_weights("hf:owner/repo/f.bin") == tmp_path
+    assert [kwargs["local_files_only"] for _, kwargs in calls] == [True]
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _raiser(LocalEntryNotFoundError("not cached")))
+    with pytest.raises(W.DownloadTimeoutError, match=r"resolve/main/f.bin did not answer within 30 s"):
+        W.resolve_weights("hf:owner/repo/f.bin")
