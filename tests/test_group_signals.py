@@ -63,3 +63,19 @@ def test_part_correlations() -> None:
     assert part_correlations({"only": x}) == {}
     with pytest.raises(ValueError, match="same N"):
         part_correlations({"a": x, "b": torch.ones(3)})
+
+
+def test_advantages_with_signals_is_tracker_or_stateless_plus_signals() -> None:
+    from rewardkit.integrations.advantages import group_advantages
+    from rewardkit.integrations.group_signals import advantages_with_signals
+    from rewardkit.integrations.trackers import PerPromptStatTracker
+
+    scores, prompts = torch.tensor([1.0, 3.0, 2.0, 2.0]), ["a", "a", "b", "b"]
+    parts = {"x": torch.tensor([1.0, 2.0, 3.0, 4.0]), "y": torch.tensor([4.0, 3.0, 2.0, 1.0])}
+    stateless, metrics = advantages_with_signals(scores, prompts, parts, tracker=None, std="group", clip=0.5)
+    torch.testing.assert_close(stateless, group_advantages(scores, prompts).clamp(-0.5, 0.5))
+    assert metrics == {"train/zero_std_ratio": 0.5, "train/group_std_mean": 0.5,
+                       "train/part_corr/x_vs_y": pytest.approx(-1.0)}
+    tracked, _ = advantages_with_signals(scores, prompts, {}, tracker=PerPromptStatTracker("ddpo", min_count=1))
+    expected = PerPromptStatTracker("ddpo", min_count=1).update(prompts, scores.double()).float()
+    torch.testing.assert_close(tracked, expected)

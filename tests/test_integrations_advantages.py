@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from rewardkit.integrations.advantages import per_prompt_advantages
+from rewardkit.integrations.advantages import group_advantages, per_prompt_advantages
 
 SCORES = [1.0, 2.0, 3.0, 10.0, 20.0, float("nan"), 4.0, 30.0]
 PROMPTS = ["a", "a", "a", "b", "b", "b", "a", "b"]
 
 
 def _reference(std: str) -> list[float]:
-    """ddpo-pytorch / flow_grpo PerPromptStatTracker semantics with numpy (population std), NaN rows excluded."""
+    """One batch's group statistics with numpy (population std), NaN rows excluded. No history: this equals
+    flow_grpo's tracker cleared after every update, not ddpo-pytorch's (tests/test_trackers.py covers those)."""
     scores, prompts = np.array(SCORES), np.array(PROMPTS)
     finite_all = scores[np.isfinite(scores)]
     out = np.full_like(scores, np.nan)
@@ -33,6 +34,14 @@ def test_advantages_equal_the_numpy_reference(std: str) -> None:
     ours = per_prompt_advantages(torch.tensor(SCORES), PROMPTS, std=std)
     np.testing.assert_allclose(ours.numpy(), _reference(std), rtol=1e-6)
     assert math.isnan(ours[5])
+
+
+def test_group_advantages_is_the_single_process_computation() -> None:
+    for std in ("group", "global", "none"):
+        torch.testing.assert_close(group_advantages(torch.tensor(SCORES), PROMPTS, std=std),
+                                   per_prompt_advantages(torch.tensor(SCORES), PROMPTS, std=std), equal_nan=True)
+    with pytest.raises(ValueError, match="N prompts"):
+        group_advantages(torch.ones(2), ["a"])
 
 
 def test_unbiased_std_and_clipping() -> None:

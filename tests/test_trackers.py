@@ -174,3 +174,18 @@ def test_two_processes_update_identically_and_equal_one_process(run_two_processe
         for step, (prompts, rewards) in enumerate(_batches(4, seed=7)):
             expected = single.update(prompts, rewards).tolist()
             np.testing.assert_array_equal(rank0["advantages"][step] + rank1["advantages"][step], expected)
+
+
+def test_tracker_for_maps_the_recipe_config_and_refuses_impossible_pairs() -> None:
+    from rewardkit.integrations.trackers import tracker_for
+
+    assert tracker_for("none", "none") is None
+    ddpo = tracker_for("ddpo", "group", buffer_size=4, min_count=2)
+    assert (ddpo.style, ddpo.buffer_size, ddpo.min_count) == ("ddpo", 4, 2)
+    assert tracker_for("flow_grpo", "global").global_std and not tracker_for("flow_grpo", "group").global_std
+    with pytest.raises(ValueError, match="advantage_std must be 'group'"):
+        tracker_for("ddpo", "global")
+    with pytest.raises(ValueError, match="'group' or 'global'"):
+        tracker_for("flow_grpo", "none")
+    with pytest.raises(ValueError, match="advantage_tracker must be"):
+        tracker_for("trl", "group")

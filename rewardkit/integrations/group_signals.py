@@ -14,17 +14,23 @@
 
 These work on the whole (gathered) batch; ``advantages.gather_rows`` gathers every rank's rows first.
 NaN rewards are left out; a group with no finite reward is counted in ``num_unscored_groups`` only.
+``advantages_with_signals`` is the recipes' one call: gather once, advantages (tracker or stateless), signals.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-__all__ = ["GroupSignals", "group_signals", "part_correlations"]
+from rewardkit.integrations.advantages import gather_rows, group_advantages
+
+if TYPE_CHECKING:
+    from rewardkit.integrations.trackers import PerPromptStatTracker
+
+__all__ = ["GroupSignals", "advantages_with_signals", "group_signals", "part_correlations"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +111,37 @@ def part_correlations(parts: Mapping[str, torch.Tensor], prefix: str = "") -> di
         denominator = float(torch.sqrt((x * x).sum() * (y * y).sum())) if x.numel() > 1 else 0.0
         result[f"{prefix}{a}_vs_{b}"] = float((x * y).sum()) / denominator if denominator > 0 else float("nan")
     return result
+
+
+def advantages_with_signals(scores: torch.Tensor, prompts: Sequence[str], parts: Mapping[str, torch.Tensor], *,
+                            tracker: PerPromptStatTracker | None, std: str = "group", clip: float | None = None,
+                            prefix: str = "train/") -> tuple[torch.Tensor, dict[str, float]]:
+    """This rank's advantages and the batch's saturation signals, from one gather of every rank's rows.
+
+    Args:
+        scores: float ``(B,)`` total rewards of this rank's rows (NaN = not applicable).
+        prompts: the ``B`` prompts (groups span ranks).
+        parts: ``{name: (B,)}`` parts of a composed reward (``evaluate().details``); may be empty.
+        tracker: a ``PerPromptStatTracker`` (updated with the gathered batch on every rank), or ``None`` for
+            the stateless ``group_advantages(std=std)``.
+        std: the stateless std mode (ignored with a tracker).
+        clip: clamp the advantages to ``[-clip, clip]``; ``None`` = no clamp.
+        prefix: prefix of the metric keys.
+
+    Returns:
+        ``(advantages (B,) float32 on scores.device, metrics)`` with ``<prefix>zero_std_ratio``,
+        ``<prefix>group_std_mean`` and ``<prefix>part_corr/<a>_vs_<b>`` for every two parts.
+    """
+    names = list(parts)
+    local = torch.stack([scores.detach().double(), *(parts[n].detach().to(scores.device).double() for n in names)], 1)
+    table, all_prompts, offset = gather_rows(local, prompts)  # a collective: every rank calls this
+    total = table[:, 0]
+    if tracker is None:
+        advantages = group_advantages(total, all_prompts, std=std)  # type: ignore[arg-type]
+    else:
+        advantages = tracker.update(all_prompts, total, gathered=True)
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    metrics = group_signals(total, all_prompts).as_metrics(prefix)
+    metrics.update(part_correlations({n: table[:, k + 1] for k, n in enumerate(names)}, prefix=f"{prefix}part_corr/"))
+    return advantages[offset: offset + scores.shape[0]].to(scores.device, torch.float32), metrics

@@ -22,9 +22,10 @@ given ``std`` mode (``"group"`` / ``"global"`` / ``"none"``), ``unbiased`` and `
   ``eps=1e-4`` for both) and in Pref-GRPO ``--apply_gdpo`` (``eps=1e-8`` for both).
 
 NaN policy (``nan=``): ``"propagate"`` (default) treats a row with any NaN reward as not applicable: NaN
-advantage, and left out of every statistic; ``"skip"`` leaves a reward's NaN rows out of that reward's statistics and its term out of the sum
-(``nansum``, TRL's policy), so only rows NaN in every reward are NaN. GDPO's code replaces NaN by 0 before
-normalising, which this module never does (a missing score is not a zero score).
+advantage, and left out of every statistic; ``"skip"`` leaves a reward's NaN rows out of that reward's
+statistics and its term out of the sum (``nansum``, TRL's policy), so only rows NaN in every reward are NaN.
+GDPO's code replaces NaN by 0 before normalising, which this module never does (a missing score is not a
+zero score).
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ import torch
 
 from rewardkit.integrations.advantages import gather_rows
 
-__all__ = ["DDPO_BUFFER_SIZE", "DDPO_EPS", "DDPO_MIN_COUNT", "FLOW_GRPO_EPS", "TRACKER_STYLES", "PerPromptStatTracker"]
+__all__ = ["DDPO_BUFFER_SIZE", "DDPO_EPS", "DDPO_MIN_COUNT", "FLOW_GRPO_EPS", "TRACKER_STYLES", "PerPromptStatTracker",
+           "tracker_for"]
 
 Style = Literal["ddpo", "flow_grpo"]
 TRACKER_STYLES = ("ddpo", "flow_grpo")
@@ -200,3 +201,31 @@ class PerPromptStatTracker:
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self._options().items() if v is not None)
         return f"PerPromptStatTracker({options}, prompts={len(self._history)})"
+
+
+def tracker_for(style: str, std: str, *, buffer_size: int | None = None,
+                min_count: int | None = None) -> PerPromptStatTracker | None:
+    """The recipes' ``advantage_tracker`` / ``advantage_std`` config pair -> a tracker (``None`` = stateless).
+
+    Args:
+        style: ``"ddpo"``, ``"flow_grpo"`` or ``"none"`` (stateless ``per_prompt_advantages``).
+        std: ``"group"`` / ``"global"`` / ``"none"``; ``ddpo`` needs ``"group"`` (its rule has no other),
+            ``flow_grpo`` takes ``"group"`` or ``"global"`` (its ``global_std``).
+        buffer_size, min_count: ddpo only (defaults 16 / 16).
+
+    Raises:
+        ValueError: an unknown style, or a std the style cannot do.
+    """
+    if style == "none":
+        return None
+    if style == "ddpo" and std != "group":
+        raise ValueError(f"config: advantage_tracker 'ddpo' divides by the per-prompt (or batch) std as ddpo-pytorch; "
+                         f"advantage_std must be 'group', got {std!r} (or use advantage_tracker 'flow_grpo' / 'none')")
+    if style == "flow_grpo" and std not in ("group", "global"):
+        raise ValueError(f"config: advantage_tracker 'flow_grpo' needs advantage_std 'group' or 'global' (its "
+                         f"global_std), got {std!r}; use advantage_tracker 'none' for mean-centring only")
+    if style not in TRACKER_STYLES:
+        raise ValueError(f"config: advantage_tracker must be 'ddpo', 'flow_grpo' or 'none', got {style!r}")
+    if style == "ddpo":
+        return PerPromptStatTracker("ddpo", buffer_size=buffer_size, min_count=min_count)
+    return PerPromptStatTracker("flow_grpo", global_std=std == "global")
