@@ -349,7 +349,8 @@ class ComposedReward(Reward):
                           stacklevel=3)
         return RewardOutput(total, details)
 
-    def _normalized(self, name: str, raw: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _normalized(self, name: str, raw: torch.Tensor,
+                    moments: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if self.normalize == "affine":
             shift, scale = self.affine[name]
             return (raw - shift) / scale
@@ -423,9 +424,9 @@ class ComposedReward(Reward):
             sub = self._tensor_raw(names, batch, None if prompts is None else [prompts[i] for i in rows], context)
             if len(groups) == 1:
                 return sub
-            index = torch.tensor(rows)
             for name, values in sub.items():
-                out.setdefault(name, torch.full((len(pil),), math.nan, device=values.device))[index.to(values.device)] = values
+                column = out.setdefault(name, torch.full((len(pil),), math.nan, device=values.device))
+                column[torch.tensor(rows, device=values.device)] = values
         return out
 
     def extra_repr(self) -> str:
