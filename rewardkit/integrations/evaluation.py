@@ -78,18 +78,14 @@ def _score(reward: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, t
     """``{"": scores (B,), part: raw part scores (B,), ...}`` as float64 on the CPU."""
     device = _reward_device(reward)
     images = images.to(device) if device is not None else images
-    frozen = getattr(reward, "update_stats", None)  # a zscore compose must not learn from evaluation images
-    if frozen is not None:
-        reward.update_stats = False
-    try:
-        if hasattr(reward, "evaluate"):
-            output = reward.evaluate(images, prompts)
-            scores, details = output.scores, output.details
-        else:
-            scores, details = reward(images, prompts), {}
-    finally:
-        if frozen is not None:
-            reward.update_stats = frozen
+    if hasattr(reward, "evaluate"):
+        # A z-score composition must not learn from evaluation images; freezing per call (not by flipping
+        # the shared ``update_stats`` flag) keeps a concurrent training call on another thread unaffected.
+        options = {"update_stats": False} if getattr(reward, "stateful", False) else {}
+        output = reward.evaluate(images, prompts, **options)
+        scores, details = output.scores, output.details
+    else:
+        scores, details = reward(images, prompts), {}
     parts = {part: torch.as_tensor(details[part]) for part in getattr(reward, "part_names", [])}
     return {key: value.detach().double().cpu().reshape(-1) for key, value in {"": scores, **parts}.items()}
 
