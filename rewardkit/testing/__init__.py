@@ -34,6 +34,7 @@ from rewardkit.testing.fid import tiny_fid_inception
 from rewardkit.testing.hpsv3 import tiny_hpsv3
 from rewardkit.testing.imagereward import tiny_imagereward
 from rewardkit.testing.lpips import tiny_lpips
+from rewardkit.testing.geneval import tiny_geneval
 from rewardkit.testing.ocr import tiny_ocr
 from rewardkit.testing.metrics import PixelFeatures
 from rewardkit.testing.qwen_image_bench import tiny_qwen_image_bench
@@ -58,6 +59,7 @@ __all__ = [
     "tiny_unified_reward_2", "tiny_unified_reward_edit",
     "tiny_hpsv3",
     "tiny_ocr",
+    "tiny_geneval",
 ]
 
 
