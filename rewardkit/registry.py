@@ -7,12 +7,15 @@ bottom of this file, one line each, so the inventory fits on one screen.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+import inspect
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Entry", "register", "get_entry", "names", "list_rewards", "load"]
+__all__ = ["Entry", "register", "get_entry", "names", "list_rewards", "load", "option_defaults"]
 
 Kind = Literal["reward", "distribution"]
 
@@ -110,6 +113,121 @@ def _import_target(target: str) -> Any:
     return getattr(module, attr)
 
 
+_CORE_ARGS = ("weights", "device", "dtype")
+_VLM_BUILD = ("rewardkit.vlm.build:_LOCAL_OPTIONS", "rewardkit.vlm.build:_SERVED_OPTIONS")
+# Factories whose **options go somewhere their signature cannot show (a backend builder, a judge object):
+# "module:attr" of a tuple of option names or of a class / function whose keyword parameters are the options.
+_FORWARDED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "rewardkit.rewards.unified_reward:load_unified_reward_2": (
+        "rewardkit.rewards.unified_reward:_UR2_OPTIONS", *_VLM_BUILD),
+    "rewardkit.rewards.unified_reward:load_unified_reward_edit": (
+        "rewardkit.rewards.unified_reward:_EDIT_OPTIONS", *_VLM_BUILD),
+    "rewardkit.rewards.qwen_image_bench:load": _VLM_BUILD,
+    "rewardkit.rewards.ocr:load": ("rewardkit.rewards.ocr_backends:VlmOcrBackend", *_VLM_BUILD),
+}
+
+
+def _resolve(annotation: Any, namespace: dict[str, Any]) -> Any:
+    """A (possibly string) annotation evaluated in its module's namespace; ``None`` when it cannot be."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, namespace)  # noqa: S307 - annotations of our own modules, never user input
+    except Exception:  # a name imported only under TYPE_CHECKING, a union of such names, ...
+        return None
+
+
+def _keywords(func: Any, skip_required: bool) -> tuple[dict[str, Any], bool]:
+    """``({name: default}, takes **kwargs)`` of ``func``'s keyword-capable parameters.
+
+    A parameter annotated with a config dataclass stands for that dataclass's fields (nested ones too), since
+    the factories take such fields as options (``rk.load("ssim", sigma=...)``). With ``skip_required``,
+    parameters without a default are left out: a class's required arguments are supplied by its factory.
+    """
+    sig = inspect.signature(func)
+    namespace = getattr(inspect.unwrap(func), "__globals__", {})
+    found: dict[str, Any] = {}
+    for param in sig.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY) or param.name == "self":
+            continue
+        if skip_required and param.default is param.empty:
+            continue
+        kind = _resolve(param.annotation, namespace)
+        found.update(_dataclass_fields(kind) if dataclasses.is_dataclass(kind) else {param.name: param.default})
+    return found, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _dataclass_fields(cls: Any) -> dict[str, Any]:
+    namespace = vars(sys.modules.get(cls.__module__, object()))
+    found: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):
+        kind = _resolve(item.type, dict(namespace))
+        default = item.default if item.default is not dataclasses.MISSING else inspect.Parameter.empty
+        found.update(_dataclass_fields(kind) if dataclasses.is_dataclass(kind) else {item.name: default})
+    return found
+
+
+def _class_keywords(cls: type) -> dict[str, Any] | None:
+    """Keyword options of ``cls(...)``: its ``__init__`` and, while that passes **kwargs up, its bases'."""
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass.__module__.split(".")[0] in ("torch", "builtins"):
+            return found  # nn.Module / object take no options
+        more, open_ended = _keywords(vars(klass)["__init__"], skip_required=True)
+        found = {**more, **found}
+        if not open_ended:
+            return found
+    return None
+
+
+def option_defaults(name: str) -> dict[str, Any] | None:
+    """Options that ``rk.load(name, ...)`` accepts besides weights, device and dtype.
+
+    Args:
+        name: a registry name or a ``"package.module:factory"`` dotted path.
+
+    Returns:
+        ``{option: default}`` (``inspect.Parameter.empty`` where there is none), found in the factory's
+        signature and, where it passes ``**options`` on, in the signature of the class it returns (and its
+        bases) or in the option lists it forwards to; ``None`` when the set cannot be known (a factory whose
+        ``**options`` go somewhere unannotated), in which case the factory checks its options itself.
+    """
+    target = _target(name)
+    factory = _import_target(target)
+    found, open_ended = _keywords(factory, skip_required=False)
+    if not open_ended:
+        return {k: v for k, v in found.items() if k not in _CORE_ARGS}
+    if target in _FORWARDED_OPTIONS:
+        for source in _FORWARDED_OPTIONS[target]:
+            value = _import_target(source)
+            found.update(dict.fromkeys(value, inspect.Parameter.empty) if isinstance(value, (tuple, list, set,
+                         frozenset)) else _keywords(value, skip_required=True)[0])
+        return {k: v for k, v in found.items() if k not in _CORE_ARGS}
+    made = _resolve(inspect.signature(factory).return_annotation, getattr(factory, "__globals__", {}))
+    more = _class_keywords(made) if isinstance(made, type) else None
+    return None if more is None else {k: v for k, v in {**more, **found}.items() if k not in _CORE_ARGS}
+
+
+def _target(name: str) -> str:
+    return name if name not in _REGISTRY and ":" in name else get_entry(name).target
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``TypeError`` naming the first unknown option, the valid ones and the closest match."""
+    valid = option_defaults(name)
+    if valid is None:
+        return
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, [*valid, *_CORE_ARGS], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            listed = ", ".join(sorted(valid)) or "none"
+            raise TypeError(f"{name}: unknown option {key!r}{hint}; valid options: {listed} "
+                            "(and weights=, device=, dtype=)")
+
+
 def load(name: str, weights: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
     """Build a registered reward or metric.
 
@@ -124,13 +242,16 @@ def load(name: str, weights: Any = None, device: Any = None, dtype: Any = None, 
 
     Returns:
         A ``RewardFn`` (kind ``"reward"``) or a ``DistributionMetric`` (kind ``"distribution"``).
+
+    Raises:
+        TypeError: an option the reward does not take (checked before any weight is read), with the valid
+            options and the closest match.
     """
-    if name not in _REGISTRY and ":" in name:
-        factory = _import_target(name)
-    else:
-        entry = get_entry(name)
-        factory = _import_target(entry.target)
-        options = {**entry.default_options, **options}
+    target = _target(name)
+    if target != name:
+        options = {**get_entry(name).default_options, **options}
+    _check_options(name, options)
+    factory = _import_target(target)
     return factory(weights=weights, device=device, dtype=dtype, **options)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 import rewardkit as rk
@@ -78,3 +80,72 @@ def test_dotted_path_factories_load_user_rewards(tmp_path, monkeypatch) -> None:
 def test_kinds_filter() -> None:
     assert set(names("reward")) >= BUILT_IN
     assert not set(names("distribution")) & BUILT_IN
+
+
+# --- unknown options -----------------------------------------------------------------------------------
+# Built without weights (no model) or, for the VLM judges, against a server that is never contacted.
+_NO_WEIGHTS = ("ssim", "ms-ssim", "psnr", "jpeg-compressibility", "jpeg-incompressibility")
+_SERVED = {"server": "http://127.0.0.1:9/v1", "served_model": "judge"}
+
+
+def _misspelt(option: str) -> str:
+    return option[:-1] + ("x" if option[-1] != "x" else "y")
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_entry_rejects_a_misspelt_option_before_loading(name: str) -> None:
+    """One line naming the reward, the option, the closest valid one and all valid ones, raised before any
+    weight is resolved (the session is offline: a later check would fail on the weights instead)."""
+    from rewardkit.registry import option_defaults
+
+    valid = option_defaults(name)
+    assert valid, f"{name}: its options cannot be listed; declare where its **options go"
+    option = sorted(valid)[0]
+    with pytest.raises(TypeError) as info:
+        rk.load(name, **{_misspelt(option): 1})
+    message = str(info.value)
+    assert message.startswith(f"{name}: unknown option {_misspelt(option)!r} (did you mean {option!r}?); "
+                              f"valid options: {', '.join(sorted(valid))}"), message
+    assert "\n" not in message
+    with pytest.raises(TypeError, match=rf"^{name}: unknown option 'devise' \(did you mean 'device'\?\)"):
+        rk.load(name, devise="cpu")
+
+
+@pytest.mark.parametrize("name", _NO_WEIGHTS)
+def test_weightless_entries_accept_every_listed_option(name: str) -> None:
+    """Every option the registry lists is really taken by the factory (each at its own default value)."""
+    from rewardkit.registry import option_defaults
+
+    for option, default in option_defaults(name).items():
+        assert default is not inspect.Parameter.empty, (name, option)
+        assert rk.load(name, **{option: default}) is not None
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("unified-reward-2", {"timeout": 5.0, "prompt_variant": "diffsynth"}),
+    ("unified-reward-edit", {"retries": 1, "task": "edit_pairwise_rank"}),
+    ("qwen-image-bench", {"max_concurrency": 2, "resize_long_edge": 512}),
+])
+def test_judges_accept_forwarded_options(name: str, options: dict) -> None:
+    """Options that a judge's factory forwards through **options to its backend / judge are listed and taken."""
+    from rewardkit.registry import option_defaults
+
+    assert set(options) <= set(option_defaults(name))
+    assert rk.load(name, **_SERVED, **options) is not None
+
+
+def test_fid_accepts_metric_options_that_pass_through(tiny_root) -> None:
+    """``load_fid(**options)`` -> ``FrechetDistance`` -> ``FeatureMetric``: options of the whole chain are valid."""
+    import rewardkit.testing as rkt
+
+    metric = rkt.load_tiny("fid", tiny_root / "upstream", batch_size=4, quantize=True, progress=False)
+    assert metric.batch_size == 4
+    with pytest.raises(TypeError, match=r"^fid: unknown option 'resize'.*; valid options: .*preset"):
+        rkt.load_tiny("fid", tiny_root / "upstream", resize="clean")
+
+
+def test_user_factories_are_checked_by_their_signature(tmp_path, monkeypatch) -> None:
+    (tmp_path / "my_rewards_for_rk_options.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match=r"unknown option 'valeu' \(did you mean 'value'\?\); valid options: value"):
+        rk.load("my_rewards_for_rk_options:make_constant_reward", valeu=3.0)
