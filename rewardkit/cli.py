@@ -65,8 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rewards", nargs="+", default=list(DEMO_REWARDS), metavar="NAME",
                       help=f"rewards to run (default: {' '.join(DEMO_REWARDS)})")
     from rewardkit.cli_metrics import add_commands
+    from rewardkit.cli_geneval import add_commands as add_geneval
 
     add_commands(commands)
+    add_geneval(commands)
     return parser
 
 
@@ -350,9 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    from rewardkit.cli_geneval import COMMANDS as GENEVAL_COMMANDS
     from rewardkit.cli_metrics import COMMANDS
 
-    command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo, **COMMANDS}[args.command]
+    command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo, **COMMANDS, **GENEVAL_COMMANDS}[args.command]
     try:
         command(args)
     except _USER_ERRORS as exc:
