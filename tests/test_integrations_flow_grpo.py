@@ -198,6 +198,11 @@ def test_refusals_name_what_is_supported() -> None:
         as_flow_grpo_reward({})
     with pytest.raises(ValueError, match="nan_value"):
         as_flow_grpo_reward({"jpeg_compressibility": 1.0}, nan_value=float("nan"))
+    with pytest.raises(ValueError, match=r"convention='ddpo'.*convention='flow_grpo'"):  # -kB would pass silently
+        as_flow_grpo_reward({"jpeg_compressibility": 1.0}, models={"jpeg_compressibility": rk.load("jpeg-compressibility")})
+    prebuilt = rk.load("jpeg-compressibility", scale=1 / 500)
+    assert as_flow_grpo_reward({"jpeg_compressibility": 1.0}, models={"jpeg_compressibility": prebuilt}).members[
+        "jpeg_compressibility"] is prebuilt
 
 
 def test_bad_inputs_raise_before_scoring() -> None:

@@ -294,6 +294,11 @@ def _resolve(name: Any, device: Any, dtypes: Mapping[str, Any], checkpoints: Map
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"{_NAME}: unknown flow_grpo reward {name!r}{hint}; supported: {sorted(SUPPORTED)}")
     if name in models:
+        for attr, value in SUPPORTED[name][1].items():  # a prebuilt reward must carry flow_grpo's load options
+            have = getattr(models[name], attr, None)
+            if have != value:
+                raise ValueError(f"{_NAME}: models[{name!r}] has {attr}={have!r}; flow_grpo's {name} needs "
+                                 f"rk.load({SUPPORTED[name][0]!r}, {attr}={value!r})")
         return models[name]
     from rewardkit.registry import get_entry, load
 

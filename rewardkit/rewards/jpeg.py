@@ -87,7 +87,10 @@ class JpegSizeReward(Reward):
         self.sign = sign
         self.quality = quality
         self.scale = float(scale)
-        self.convention = convention or ("ddpo" if self.scale == 1.0 else "custom")
+        if convention is None:  # name the convention a plain scale= reproduces, if any
+            matches_flow_grpo = sign < 0 and self.scale == 1.0 / FLOW_GRPO_KB_DIVISOR
+            convention = "ddpo" if self.scale == 1.0 else "flow_grpo" if matches_flow_grpo else "custom"
+        self.convention = convention
         self.freeze()
 
     def _output(self, sizes: list[float], device: torch.device | str) -> RewardOutput:
