@@ -177,3 +177,12 @@ def test_a_detector_with_the_wrong_classes_is_refused(tmp_path) -> None:
     config.save_pretrained(kwargs["weights"])
     with pytest.raises(ValueError, match="has 3 classes; GenEval needs a COCO instance model with the 80"):
         rk.load("geneval", **kwargs)
+
+
+def test_composes_with_metadata_passed_through(reward, images, tiny_root) -> None:
+    ocr = rkt.load_tiny("ocr", tiny_root / "geneval-compose")
+    metadata = [_single("cat"), _single("dog"), _single("spoon")]
+    total = rk.compose({reward: 1.0, ocr: 0.5})
+    out = total.evaluate(images, ['a sign "hi"'] * 3, metadata=metadata)
+    torch.testing.assert_close(out.details["geneval"], reward(images, metadata=metadata))
+    torch.testing.assert_close(out.scores, out.details["geneval"] + 0.5 * out.details["ocr"])

@@ -155,6 +155,8 @@ def test_composes_with_other_rewards(ocr) -> None:
     total = rk.compose({ocr: 2.0})
     images = _tensor(render_text("rewardkit"))
     torch.testing.assert_close(total(images, '"rewardkit"'), 2.0 * ocr(images, '"rewardkit"'))
+    # flow_grpo passes metadata to every reward; ocr ignores it (so it composes with geneval)
+    torch.testing.assert_close(ocr(images, '"rewardkit"', metadata=[{"tag": "x"}]), ocr(images, '"rewardkit"'))
 
 
 # ------------------------------------------------------------------------------------ loading and backends

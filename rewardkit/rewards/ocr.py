@@ -111,12 +111,16 @@ class OcrReward(Reward):
         self.backend, self.on_error = backend, on_error
         self.freeze()
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
+    def score(self, images: torch.Tensor, prompts: list[str] | None, *, metadata: Any = None,
+              **context: Any) -> RewardOutput:
+        # metadata= is accepted and ignored, as flow_grpo's ocr_score(images, prompts, metadata) does, so that
+        # ocr composes with rewards that need it (geneval)
         if context:
-            raise TypeError(f"ocr: unexpected keyword arguments {sorted(context)}; it takes images and prompts only")
+            raise TypeError(f"ocr: unexpected keyword arguments {sorted(context)}; it takes images, prompts "
+                            "(and an ignored metadata=)")
         return self.score_arrays(_to_arrays(images), prompts or [], images.device)
 
-    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None) -> RewardOutput:
+    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None, *, metadata: Any = None) -> RewardOutput:
         """Score PIL images or files at their own sizes (no float round trip; the CLI's path).
 
         Grayscale, palette and RGBA inputs become RGB by ``rewardkit.image_io``'s rules (alpha dropped).
