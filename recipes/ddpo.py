@@ -4,7 +4,11 @@ Black et al. 2023, "Training Diffusion Models with Reinforcement Learning" (kvab
 ``scripts/train.py``). Each epoch samples images with DDIM at ``eta > 0`` while recording every step's
 log-prob, scores them with a composed rewardkit reward (the spec comes from the config), turns the scores
 into per-prompt advantages over the global batch, and takes ``num_inner_epochs`` PPO-clipped optimizer
-steps over the recorded steps. Logged: total and per-part rewards, loss, approx-KL, clip fraction and
+steps over the recorded steps. The advantages come from ddpo-pytorch's per-prompt stat tracker by default
+(``advantage_tracker``: a history of ``tracker_buffer_size`` rewards per prompt, the batch statistics below
+``tracker_min_count``; saved in checkpoints). Logged: total and per-part rewards, the saturation signals
+(``train/zero_std_ratio``, ``train/group_std_mean``), the correlation of every two reward parts
+(``train/part_corr/<a>_vs_<b>``), loss, approx-KL, clip fraction and
 the mean ratio (1 on the first inner epoch: a check that sampling and training compute the same policy),
 plus the periodic evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``).
 
@@ -30,12 +34,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from rewardkit.integrations.advantages import per_prompt_advantages  # rewardkit: group-relative advantages
 from rewardkit.integrations.ddim_logprob import (  # rewardkit: DDIM log-probs and the PPO objective
     ppo_clipped_loss,
     sample_with_logprob,
     step_logprob,
 )
+from rewardkit.integrations.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
 from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe support
     CommonConfig,
     add_lora,
@@ -56,6 +60,7 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     weight_dtype,
     write_config,
 )
+from rewardkit.integrations.trackers import tracker_for  # rewardkit: per-prompt stat trackers (ddpo, flow_grpo)
 
 # Two parts, so per-part logging is exercised.
 TINY_REWARDS = {"rewardkit.testing.toy_rewards:load_brightness": 1.0, "hpsv2": 0.5}
@@ -71,6 +76,11 @@ class Config(CommonConfig):
     clip_range: float = 1e-4  # PPO ratio clip [train.clip_range]
     adv_clip_max: float = 5.0  # advantages clamped to [-adv_clip_max, adv_clip_max] [train.adv_clip_max]
     advantage_std: Literal["group", "global", "none"] = "group"  # per-prompt std, batch std, or centring only
+    # per-prompt statistics: "ddpo" (ddpo-pytorch / trl 0.23 PerPromptStatTracker), "flow_grpo", or "none"
+    # (stateless, this batch only) [per_prompt_stat_tracking]
+    advantage_tracker: Literal["ddpo", "flow_grpo", "none"] = "ddpo"
+    tracker_buffer_size: int = 16  # ddpo tracker: rewards kept per prompt [per_prompt_stat_tracking.buffer_size]
+    tracker_min_count: int = 16  # ddpo tracker: below this many, batch mean / std [per_prompt_stat_tracking.min_count]
     timestep_fraction: float = 1.0  # fraction of the T steps trained on per sample [train.timestep_fraction]
     learning_rate: float = 3e-4  # [train.learning_rate]
     weight_decay: float = 1e-4  # AdamW weight decay [train.adam_weight_decay]
@@ -82,6 +92,8 @@ class Config(CommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        tracker_for(self.advantage_tracker, self.advantage_std, buffer_size=self.tracker_buffer_size,  # validates
+                    min_count=self.tracker_min_count)
         if not self.eta > 0 or not self.clip_range > 0 or not 0 < self.timestep_fraction <= 1:
             raise ValueError("config: need eta > 0, clip_range > 0 and 0 < timestep_fraction <= 1, got "
                              f"eta={self.eta}, clip_range={self.clip_range}, timestep_fraction={self.timestep_fraction}")
@@ -105,6 +117,7 @@ class Run:
     params: list[torch.nn.Parameter]
     optimizer: Any
     reward: Any
+    tracker: Any  # PerPromptStatTracker, or None for stateless advantages
     callbacks: list[Any]
     prompts: list[str]
     sizes: dict[str, int]
@@ -144,9 +157,18 @@ def setup(cfg: Config) -> Run:
         prompts_per_epoch=(local * accelerator.num_processes, cfg.images_per_prompt),
         trained_timesteps=max(1, int(cfg.num_inference_steps * cfg.timestep_fraction)),
         epochs=(cfg.max_steps, cfg.num_inner_epochs))
+    tracker = tracker_for(cfg.advantage_tracker, cfg.advantage_std, buffer_size=cfg.tracker_buffer_size,  # rewardkit:
+                          min_count=cfg.tracker_min_count)
+    start = resume(accelerator, cfg, checkpoint_state(unet, optimizer, reward, tracker))  # rewardkit: + RNG, step
+    return Run(accelerator, pipe, unet, params, optimizer, reward, tracker, callbacks, load_prompts(cfg), sizes, start)
+
+
+def checkpoint_state(unet: Any, optimizer: Any, reward: Any, tracker: Any) -> dict[str, Any]:
+    """What a checkpoint holds: LoRA, optimizer, reward normaliser and the tracker's reward history."""
     state = {"denoiser": unet, "optimizer": optimizer, "reward": reward}
-    start = resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, RNG, step
-    return Run(accelerator, pipe, unet, params, optimizer, reward, callbacks, load_prompts(cfg), sizes, start)
+    if tracker is not None:
+        state["tracker"] = tracker  # tracker.pt
+    return state
 
 
 def sample_epoch(run: Run, cfg: Config, epoch: int) -> tuple[Rollout, dict[str, float]]:
@@ -172,12 +194,13 @@ def sample_epoch(run: Run, cfg: Config, epoch: int) -> tuple[Rollout, dict[str, 
         scores.append(output.scores)
         for name in run.reward.part_names:  # rewardkit: per-part raw scores
             parts.setdefault(name, []).append(output.details[name])
-    scores_all = torch.cat(scores)
-    advantages = per_prompt_advantages(scores_all, prompts, std=cfg.advantage_std,  # rewardkit: gathered groups
-                                       clip=cfg.adv_clip_max)
+    scores_all, parts_all = torch.cat(scores), {name: torch.cat(values) for name, values in parts.items()}
+    advantages, signals = advantages_with_signals(  # rewardkit: gathered groups, tracker update, saturation signals
+        scores_all, prompts, parts_all, tracker=run.tracker, std=cfg.advantage_std, clip=cfg.adv_clip_max)
     unscored = torch.isnan(advantages)  # rows no reward part could score: no policy signal (TRL's policy)
     stats = gathered_stats(accelerator, {"train/reward": scores_all,  # rewardkit: mean / std over ranks
-                                          **{f"train/rewards/{k}": torch.cat(v) for k, v in parts.items()}})
+                                          **{f"train/rewards/{k}": v for k, v in parts_all.items()}})
+    stats.update(signals)
     stats["train/unscored_frac"] = float(accelerator.gather(unscored.float()).mean())
     negative = [t.negative_prompt_embeds for t in trajectories]
     rollout = Rollout(*(torch.cat([getattr(t, name) for t in trajectories]) for name in
@@ -237,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             for callback in run.callbacks:  # on every rank: the reductions are collectives
                 callback.maybe_evaluate(step, accelerator, model=run.pipe.unet)  # rewardkit:
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
-            save_checkpoint(accelerator, cfg, step,  # rewardkit: LoRA, optimizer, normaliser, RNG, step
-                            {"denoiser": run.unet, "optimizer": run.optimizer, "reward": run.reward})
+            save_checkpoint(accelerator, cfg, step,  # rewardkit: LoRA, optimizer, normaliser, tracker, RNG, step
+                            checkpoint_state(run.unet, run.optimizer, run.reward, run.tracker))
     progress.close()
     accelerator.end_training()  # destroys the process group (avoids SIGABRT at exit on gloo)
 

@@ -6,8 +6,12 @@ Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL" (yifan
 processes), scores them with the composed reward from the config, turns the scores into group-relative
 advantages over the gathered batch, and takes ``num_inner_epochs`` PPO-clipped optimizer steps over the
 recorded transitions, optionally with a KL penalty to the base model (the LoRA adapters disabled).
-Logged: total and per-part rewards, the zero-std group fraction, loss, policy loss, KL, approx-KL, clip
-fraction and the mean ratio (exactly 1 on the first inner epoch: sampling and training compute the same
+Advantages come from flow_grpo's per-prompt stat tracker by default (``advantage_tracker``; the rewards of a
+whole step, gathered from every process, cleared every ``tracker_clear_every`` steps as ``train_sd3.py``
+clears it every epoch; saved in checkpoints). Logged: total and per-part rewards, the saturation signals
+(``train/zero_std_ratio``, ``train/group_std_mean``; ``train/frac_reward_zero_std`` is TRL's name for the
+first), the correlation of every two reward parts (``train/part_corr/<a>_vs_<b>``), loss, policy loss, KL,
+approx-KL, clip fraction and the mean ratio (exactly 1 on the first inner epoch: sampling and training compute the same
 policy), plus the evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``).
 
 Launch (real model; every size is in the YAML):
@@ -34,13 +38,14 @@ from typing import Any, ClassVar, Literal, Sequence
 import torch
 
 from rewardkit.integrations import recipe_common as rc  # rewardkit: shared recipe support
-from rewardkit.integrations.advantages import per_prompt_advantages  # rewardkit: group-relative advantages
+from rewardkit.integrations.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
 from rewardkit.integrations.flow_logprob import (  # rewardkit: Flow-GRPO SDE step with log-probs
     FlowTrajectory,
     gaussian_kl,
     sample_with_logprob,
     step_log_prob,
 )
+from rewardkit.integrations.trackers import tracker_for  # rewardkit: per-prompt stat trackers (flow_grpo, ddpo)
 
 PROJECT = "flow_grpo"
 # flow_grpo scripts/train_sd3.py: LoRA on the joint attention's image and text projections.
@@ -63,6 +68,12 @@ class Config(rc.CommonConfig):
     clip_range: float = 1e-4  # PPO ratio clip [train.clip_range]
     adv_clip_max: float = 5.0  # advantages clamped to [-adv_clip_max, adv_clip_max] [train.adv_clip_max]
     advantage_std: Literal["group", "global", "none"] = "global"  # [sample.global_std=True -> "global"]
+    # per-prompt statistics: "flow_grpo" (flow_grpo/stat_tracking.py), "ddpo" (ddpo-pytorch / trl 0.23, with
+    # tracker_buffer_size / tracker_min_count) or "none" (stateless) [per_prompt_stat_tracking]
+    advantage_tracker: Literal["flow_grpo", "ddpo", "none"] = "flow_grpo"
+    tracker_clear_every: int = 1  # flow_grpo tracker: clear() after every N steps (train_sd3.py: 1); 0 = never
+    tracker_buffer_size: int = 16  # ddpo tracker: rewards kept per prompt
+    tracker_min_count: int = 16  # ddpo tracker: below this many, the batch mean / std are used
     # weight of the exact KL(policy || base model) per transition; 0 = off. flow_grpo's [train.beta] weighs a
     # KL |dt| times this one (|dt| ~ 1/T), so its beta 0.01 corresponds to about 0.01/T here.
     kl_beta: float = 0.0
@@ -83,6 +94,10 @@ class Config(rc.CommonConfig):
         if self.group_size < 2:
             raise ValueError(f"config: group_size must be >= 2 (advantages compare images of a prompt), got "
                              f"{self.group_size}")
+        tracker_for(self.advantage_tracker, self.advantage_std, buffer_size=self.tracker_buffer_size,  # validates
+                    min_count=self.tracker_min_count)
+        if self.tracker_clear_every < 0:
+            raise ValueError(f"config: tracker_clear_every must be >= 0 (0 = never), got {self.tracker_clear_every}")
         if not 0 < self.timestep_fraction <= 1 or self.noise_level <= 0 or self.clip_range <= 0:
             raise ValueError("config: need 0 < timestep_fraction <= 1, noise_level > 0 and clip_range > 0, got "
                              f"{self.timestep_fraction}, {self.noise_level}, {self.clip_range}")
@@ -118,7 +133,10 @@ def build_models(cfg: Config, accelerator: Any) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     denoiser, optimizer = accelerator.prepare(pipe.transformer, optimizer)
     reward = rc.build_reward(cfg, accelerator.device, accelerator)  # rewardkit: rk.compose(cfg.rewards)
-    return {"pipe": pipe, "denoiser": denoiser, "params": params, "optimizer": optimizer, "reward": reward}
+    tracker = tracker_for(cfg.advantage_tracker, cfg.advantage_std, buffer_size=cfg.tracker_buffer_size,  # rewardkit:
+                          min_count=cfg.tracker_min_count)
+    return {"pipe": pipe, "denoiser": denoiser, "params": params, "optimizer": optimizer, "reward": reward,
+            "tracker": tracker}
 
 
 def _generators(cfg: Config, accelerator: Any, step: int, micro: int, count: int) -> list[torch.Generator]:
@@ -137,45 +155,48 @@ def _shared_latents(cfg: Config, pipe: Any, prompts: list[str], step: int) -> to
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def score(cfg: Config, accelerator: Any, reward: Any, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-    """Rewards -> group-relative advantages (over every process's images) and reward statistics."""
-    with torch.no_grad():
-        output = reward.evaluate(images, prompts)  # rewardkit: total + every part in details
-    advantages = per_prompt_advantages(output.scores, prompts, std=cfg.advantage_std,  # rewardkit: gathers
-                                       clip=cfg.adv_clip_max)
-    from accelerate.utils import gather_object
+def score(cfg: Config, accelerator: Any, models: dict, images: list[torch.Tensor], batches: list[list[str]],
+          step: int) -> tuple[list[torch.Tensor], dict]:
+    """Rewards of every micro-batch of a step -> advantages over every process's images, and reward statistics.
 
-    total = accelerator.gather(output.scores.detach().float())
-    all_prompts = gather_object(list(prompts))
-    groups = defaultdict(list)
-    for prompt, value in zip(all_prompts, total.tolist()):
-        groups[prompt].append(value)
-    zero_std = sum(1 for values in groups.values() if max(values) == min(values)) / len(groups)
-    metrics = {"reward/mean": total.mean(), "reward/std": total.std(), "frac_reward_zero_std": zero_std}
-    for part in reward.part_names:  # rewardkit: per-part raw scores
-        values = accelerator.gather(output.details[part].float())
+    As flow_grpo, the advantages of a step come from one tracker update with all of its gathered rewards.
+    """
+    reward, tracker = models["reward"], models["tracker"]
+    with torch.no_grad():
+        outputs = [reward.evaluate(batch_images, batch) for batch_images, batch in zip(images, batches)]  # rewardkit:
+    scores = torch.cat([output.scores for output in outputs])
+    parts = {part: torch.cat([output.details[part] for output in outputs]) for part in reward.part_names}
+    prompts = [prompt for batch in batches for prompt in batch]
+    advantages, metrics = advantages_with_signals(  # rewardkit: one gather, tracker update, saturation signals
+        scores, prompts, parts, tracker=tracker, std=cfg.advantage_std,
+        clip=cfg.adv_clip_max, prefix="")
+    if tracker is not None and cfg.tracker_clear_every and (step + 1) % cfg.tracker_clear_every == 0:
+        tracker.clear()  # flow_grpo scripts/train_sd3.py clears its tracker after every epoch
+    total = accelerator.gather(scores.detach().float())
+    metrics.update({"reward/mean": total.mean(), "reward/std": total.std(),
+                    "frac_reward_zero_std": metrics["zero_std_ratio"]})  # TRL's name for the same fraction
+    for part, values in parts.items():  # rewardkit: per-part raw scores
+        values = accelerator.gather(values.float())
         metrics[f"rewards/{part}/mean"], metrics[f"rewards/{part}/std"] = values.nanmean(), values.std()
-    return advantages, metrics
+    return list(advantages.split([len(batch) for batch in batches])), metrics
 
 
 def rollout(cfg: Config, accelerator: Any, models: dict, prompts: Sequence[str], step: int) -> tuple[list, dict]:
-    """Sample and score ``gradient_accumulation_steps`` micro-batches with the current policy."""
-    rollouts, metrics = [], defaultdict(list)
+    """Sample ``gradient_accumulation_steps`` micro-batches with the current policy, then score them together."""
+    trajectories, batches = [], []
     groups = cfg.train_batch_size * accelerator.num_processes // cfg.group_size
     for micro in range(cfg.gradient_accumulation_steps):
         batch = rc.k_repeat_prompts(prompts, cfg.group_size, groups, step * cfg.gradient_accumulation_steps + micro,
                                     accelerator.process_index, accelerator.num_processes, cfg.seed)  # rewardkit:
         with accelerator.autocast():
-            trajectory = sample_with_logprob(  # rewardkit: SDE sampling, float32 log-probs
+            trajectories.append(sample_with_logprob(  # rewardkit: SDE sampling, float32 log-probs
                 models["pipe"], batch, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                 height=cfg.resolution, width=cfg.resolution, noise_level=cfg.noise_level,
                 generator=_generators(cfg, accelerator, step, micro, len(batch)),
-                latents=_shared_latents(cfg, models["pipe"], batch, step))
-        advantages, stats = score(cfg, accelerator, models["reward"], trajectory.images, batch)
-        rollouts.append(Rollout(trajectory, advantages))
-        for key, value in stats.items():
-            metrics[key].append(float(value))
-    return rollouts, {key: sum(values) / len(values) for key, values in metrics.items()}
+                latents=_shared_latents(cfg, models["pipe"], batch, step)))
+        batches.append(batch)
+    advantages, metrics = score(cfg, accelerator, models, [t.images for t in trajectories], batches, step)
+    return [Rollout(t, a) for t, a in zip(trajectories, advantages)], {k: float(v) for k, v in metrics.items()}
 
 
 def grpo_loss(cfg: Config, denoiser: Any, raw: Any, item: Rollout, j: int) -> tuple[torch.Tensor, dict]:
@@ -248,7 +269,9 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
     accelerator, _ = setup(cfg)
     models = build_models(cfg, accelerator)
     state = {"denoiser": models["denoiser"], "optimizer": models["optimizer"], "reward": models["reward"]}
-    start = rc.resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, step, RNG
+    if models["tracker"] is not None:
+        state["tracker"] = models["tracker"]  # rewardkit: per-prompt reward history (tracker.pt)
+    start = rc.resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, tracker, step, RNG
     callbacks = rc.eval_callbacks(cfg, models["pipe"], models["reward"], accelerator)  # rewardkit: eval/*
     prompts = rc.load_prompts(cfg)  # rewardkit: cfg.prompts or BUILTIN_PROMPTS
     progress = rc.progress_bar(accelerator, cfg, initial=start)  # rewardkit:

@@ -9,6 +9,7 @@ from recipe_harness import (
     check_lora_changed,
     check_resumed_at_step_2,
     check_two_process_artefacts,
+    checkpoint_dir,
     checkpointed_runs,
     import_recipe,
     scalar_events,
@@ -17,7 +18,8 @@ from recipe_harness import (
 
 RECIPE_NAME = "ddpo"
 TRAIN_KEYS = ("train/loss", "train/approx_kl", "train/clipfrac", "train/ratio", "train/reward/mean",
-              "train/rewards/brightness/mean", "train/rewards/hpsv2/mean")
+              "train/rewards/brightness/mean", "train/rewards/hpsv2/mean", "train/zero_std_ratio",
+              "train/group_std_mean", "train/part_corr/brightness_vs_hpsv2")
 EVAL_KEYS = ("eval/composed_mean", "eval/brightness_mean", "eval/hpsv2_mean")
 
 
@@ -35,6 +37,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_two_processes_write_every_artefact(runs):
     check_two_process_artefacts(runs["two"])
+    assert (checkpoint_dir(runs["two"], 2) / "tracker.pt").is_file()  # the advantage tracker's reward history
 
 
 def test_two_processes_log_rewards_losses_and_eval(runs):
@@ -61,6 +64,7 @@ def test_one_process_run_and_resume_continue_at_the_right_step(runs):
     (["--eta", "0"], "eta > 0"),
     (["--timestep_fraction", "1.5"], "timestep_fraction"),
     (["--max_steps", "3", "--num_inner_epochs", "2"], "multiples of num_inner_epochs"),
+    (["--advantage_std", "global"], "advantage_tracker 'ddpo'"),
 ])
 def test_bad_configs_are_refused_with_the_reason(recipe, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):

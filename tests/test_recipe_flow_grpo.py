@@ -12,7 +12,8 @@ from recipe_harness import RECIPES, checkpoint_dir, import_recipe, launch, lora_
 
 RECIPE_NAME = "flow_grpo"
 REWARD_KEYS = ("train/reward/mean", "train/rewards/brightness/mean", "train/rewards/hpsv2/mean",
-               "train/frac_reward_zero_std")
+               "train/frac_reward_zero_std", "train/zero_std_ratio", "train/group_std_mean",
+               "train/part_corr/brightness_vs_hpsv2")
 TRAIN_KEYS = ("train/loss", "train/policy_loss", "train/kl", "train/approx_kl", "train/clip_frac", "train/ratio")
 EVAL_KEYS = ("eval/composed_mean", "eval/brightness_mean", "eval/hpsv2_mean")
 
@@ -35,7 +36,7 @@ def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_one_process_smoke_run_writes_artefacts_and_logs(one_process_run: Path) -> None:
     checkpoint = checkpoint_dir(one_process_run, 2)
-    for name in ("denoiser.lora.safetensors", "optimizer.pt", "reward.pt", "rng_state_0.pt", "meta.json"):
+    for name in ("denoiser.lora.safetensors", "optimizer.pt", "reward.pt", "tracker.pt", "rng_state_0.pt", "meta.json"):
         assert (checkpoint / name).is_file(), name
     assert (one_process_run / "config.yaml").is_file() and (one_process_run / "samples" / "step-2.png").is_file()
     scalars = _logged_steps(one_process_run)

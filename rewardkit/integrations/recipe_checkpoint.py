@@ -8,7 +8,10 @@ the ``state`` mapping a recipe passes in, plus the RNG states of every process a
   ``<name>.lora.safetensors`` (peft's ``get_peft_model_state_dict`` keys; the base model is not copied);
 * a composed reward (``rk.compose``): only its normaliser state (z-score running statistics),
   ``<name>.pt``, not the reward models' weights;
-* anything else with ``state_dict()`` (optimizer, LR scheduler, a plain module): ``<name>.pt``.
+* anything else with ``state_dict()`` (optimizer, LR scheduler, a plain module, the advantage tracker
+  ``trackers.PerPromptStatTracker`` with its per-prompt reward history): ``<name>.pt``. The tracker's state
+  is identical on every rank (each rank updates it with the same gathered rewards), so the main process's
+  copy resumes all of them.
 
 Loading is strict: a missing file, a missing or unexpected LoRA key raise ``ValueError``.
 Files are read with ``torch.load(weights_only=True)``.
