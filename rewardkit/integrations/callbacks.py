@@ -39,7 +39,6 @@ is split (reference section 1.6, TRL ``LogCompletionsCallback`` uses the same tr
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import math
@@ -58,6 +57,8 @@ __all__ = ["EvalCallback", "FIDEvalCallback", "RewardEvalCallback", "RewardHacki
            "shard_source"]  # + EvalTrainerCallback (lazy, eval_trainer.py)
 
 logger = logging.getLogger(__name__)
+
+KID_PAIR = 2  # rewardkit.metrics.kid.KID.compute() -> [mean, std] over subsets
 
 
 def shard_source(source: Any, rank: int, world: int) -> tuple[Any, bool]:
@@ -80,7 +81,8 @@ class FIDEvalCallback(EvalCallback):
     ``GaussianReference``; feature rows ``(N, D)`` for stored-feature metrics like KID), or computed
     once from ``reference_images=`` at the first evaluation (sharded over ranks when a tensor, list or
     folder; read whole on every rank otherwise) and kept. Logs ``<prefix>/<metric.name>`` (e.g.
-    ``eval/fid``) and ``<prefix>/<metric.name>_num_images``.
+    ``eval/fid``; KID's mean, with its std over subsets as ``eval/kid_std``) and
+    ``<prefix>/<metric.name>_num_images``.
 
     Args:
         metric: A ``FrechetDistance`` (``rk.load("fid")``, FD-DINOv2) or stored-feature metric (KID, CMMD).
@@ -144,8 +146,11 @@ class FIDEvalCallback(EvalCallback):
         self.metric.sync(accelerator)
         fake = getattr(self.metric, "fake", None)
         count = int(fake.n) if fake is not None else int(self.metric.store.count(False))
-        return {self._key(self.metric.name): float(self.metric.compute()),
-                self._key(f"{self.metric.name}_num_images"): count}
+        value = self.metric.compute().reshape(-1)  # FID: one value; KID: [mean, std] over subsets
+        result = {self._key(self.metric.name): float(value[0]), self._key(f"{self.metric.name}_num_images"): count}
+        if value.numel() == KID_PAIR:
+            result[self._key(f"{self.metric.name}_std")] = float(value[1])
+        return result
 
     def _reset(self) -> None:
         self.metric.reset(real=False)
@@ -253,7 +258,11 @@ def _evaluate_frozen(reward: Any, images: torch.Tensor, prompts: list[str]) -> A
         return reward.evaluate(images, prompts)
     if "update_stats" in inspect.signature(reward.evaluate).parameters:
         return reward.evaluate(images, prompts, update_stats=False)
-    view = copy.copy(reward)  # shares parts, buffers and statistics; only this flag differs
+    # A view sharing every attribute (parts, statistics buffers, and any locks or call-order state the
+    # composition keeps) except this flag. Built from __dict__ rather than copy.copy, which would go
+    # through __getstate__ and could give the view fresh locks of its own.
+    view = object.__new__(type(reward))
+    view.__dict__.update(reward.__dict__)
     view.update_stats = False
     return view.evaluate(images, prompts)
 

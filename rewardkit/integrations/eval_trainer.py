@@ -8,7 +8,8 @@ Hooks (``transformers/trainer_callback.py``: callbacks run on every rank):
 
 * ``on_step_end``: evaluate when ``evaluation.should_evaluate(state.global_step)``; log with
   ``trainer.log`` (``state.log_history`` and every ``report_to`` integration; keys added in
-  ``on_evaluate`` would not be logged, ``Trainer.evaluate`` logs before calling it); set
+  ``on_evaluate`` would not be logged, ``Trainer.evaluate`` logs before calling it), keeping
+  ``control.should_log`` as it was so the step's training entry is still written; set
   ``control.should_training_stop`` when the evaluation's alarm fired with ``stop_on_alarm=True``.
 * ``on_log``: record ``logs[train_reward_key]`` (TRL's ``"reward"``) as the optimised reward for the alarm.
   The Trainer logs after ``on_step_end``, so an evaluation at step ``k`` sees the rewards logged up to
@@ -57,7 +58,11 @@ def _build() -> type:
             accelerator = getattr(self.trainer, "accelerator", None)
             values = self.evaluation.evaluate(accelerator, step=state.global_step, model=model, log=False)
             if self.trainer is not None:
+                # Trainer.log -> CallbackHandler.on_log clears control.should_log, which would drop this
+                # step's own training log entry (its loss then folds into the next one): keep the flag.
+                should_log = control.should_log
                 self.trainer.log(dict(values))
+                control.should_log = should_log
             else:
                 logger.warning("EvalTrainerCallback without trainer=: values go to state.log_history only, not "
                                "to report_to integrations; pass trainer=trainer to log through Trainer.log")

@@ -1,0 +1,143 @@
+"""Concurrency proof for the evaluation callbacks (DESIGN "Concurrency rule"): their results never depend
+on threads or on when each rank reaches a collective.
+
+* Two gloo ranks evaluate ``RewardEvalCallback`` (tiny CLIP aesthetic composed with two toy parts, with the
+  reward-hacking alarm) and ``FIDEvalCallback`` (pixel features) while the same composed reward scores
+  training batches on a 3-thread pool, with rank-dependent sleeps: the logged values equal one sequential
+  process, bit for bit for the rewards (rows are all-reduced, then reduced identically), within a stated
+  float64 tolerance for FID (its sums add the shards in another order), and the ranks agree bit for bit.
+* A z-score composition called by a training thread *during* an evaluation still folds that batch into its
+  running statistics: the evaluation never flips the shared ``update_stats`` flag (the bug this replaced).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import rewardkit as rk
+import rewardkit.testing as rkt
+from recipe_harness import free_port
+from rewardkit.integrations.callbacks import RewardEvalCallback
+from rewardkit.protocols import Reward, RewardOutput
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+_spec = importlib.util.spec_from_file_location(
+    "callbacks_concurrency_worker", Path(__file__).parent / "distributed" / "callbacks_concurrency_worker.py")
+_dist = Path(__file__).parent / "distributed"
+import sys  # noqa: E402
+
+sys.path.insert(0, str(_dist))  # the worker imports its sibling callbacks_worker, as under torchrun
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+sys.path.remove(str(_dist))
+
+# FID: each rank sums its shard's float64 (n, Σx, Σxxᵀ), then one all-reduce adds the two partial sums;
+# one process adds the same rows one by one. Same terms, other association: float64 rounding only
+# (measured: see the report in the assertion message). Rewards need no tolerance.
+FID_REL_TOL = 1e-9
+TRAIN_REWARD_REL_TOL = 1e-12  # per-rank exactly rounded sums (math.fsum), then one float64 addition
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def _sequential(tmp_path: Path) -> tuple[dict, dict]:
+    """The same callbacks in one process, no threads: evaluations at steps 2 and 4, training rewards of
+    both ranks' batches recorded in the order the worker records them, and every batch's scores."""
+    callbacks = worker.build(tmp_path / "tiny")
+    reward = callbacks["reward"].reward
+    results, train = {name: {} for name in callbacks}, {}
+    for step in range(1, worker.STEPS + 1):
+        for name, callback in callbacks.items():
+            values = callback.maybe_evaluate(step)
+            if values is not None:
+                results[name][str(step)] = values
+        for rank in (0, 1):
+            for index in range(worker.JOBS_PER_STEP):
+                images, prompts = worker.training_batch(rank, step, index)
+                scores = reward(images, prompts).tolist()
+                train[(rank, f"{step}/{index}")] = scores
+                callbacks["reward"].record_train_reward(torch.tensor(scores))
+    return results, train
+
+
+def test_two_ranks_with_a_scoring_thread_pool_equal_one_sequential_process(run_two_processes, tmp_path) -> None:
+    ranks = run_two_processes("callbacks_concurrency_worker.py", free_port())
+    expected, train = _sequential(tmp_path)
+    assert [r["world"] for r in ranks] == [2, 2]
+    for rank in ranks:
+        for key, scores in rank["train"].items():  # the pool's scores equal sequential calls
+            assert scores == train[(rank["rank"], key)], key
+        reward, fid = rank["results"]["reward"], rank["results"]["fid"]
+        assert sorted(reward) == sorted(fid) == ["2", "4"]
+        for step, values in reward.items():
+            assert values.keys() == expected["reward"][step].keys()
+            for key, value in values.items():
+                want = expected["reward"][step][key]
+                if key == "eval/train_reward":
+                    assert value == pytest.approx(want, rel=TRAIN_REWARD_REL_TOL), key
+                else:
+                    assert _same(value, want), (step, key, value, want)
+            assert not math.isnan(values["eval/composed/spearman/aesthetic~brightness"])
+        for step, values in fid.items():
+            want = expected["fid"][step]
+            assert values["eval/fid_num_images"] == want["eval/fid_num_images"] == len(worker.PROMPTS)
+            gap = abs(values["eval/fid"] - want["eval/fid"]) / abs(want["eval/fid"])
+            assert gap <= FID_REL_TOL, f"FID relative gap {gap:.3g}"
+    assert ranks[0]["results"] == ranks[1]["results"]  # bit for bit across ranks, FID included
+    assert [e["step"] for e in ranks[0]["logged"]] == [2, 2, 4, 4] and ranks[1]["logged"] == []
+
+
+class _Gate(Reward):
+    """Brightness that, inside an evaluation on the main thread, waits until a training call on another
+    thread has entered the composition: forces the interleaving the old flag flip got wrong."""
+
+    name, requires_prompt, differentiable, thread_safe = "gate", False, False, True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed, self.inside, self.entered = False, threading.Event(), threading.Event()
+
+    def score(self, images, prompts, **context):
+        if self.armed and threading.current_thread() is threading.main_thread():
+            self.inside.set()
+            assert self.entered.wait(30), "the training call never entered the composition"
+        elif self.armed:
+            self.entered.set()
+        return RewardOutput(images.mean(dim=(1, 2, 3)).float())
+
+
+def test_a_training_thread_keeps_updating_zscore_statistics_during_an_evaluation() -> None:
+    gate = _Gate()
+    total = rk.compose({gate: 1.0, worker.Redness(): 1.0}, normalize="zscore")
+    first, second = rkt.random_images(3, 16, 16, seed=1), rkt.random_images(4, 16, 16, seed=2)
+    total(first)
+    outputs = {}
+
+    def train() -> None:
+        assert gate.inside.wait(30)
+        outputs["scores"] = total(second)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    gate.armed = True
+    callback = RewardEvalCallback(total, worker.PROMPTS, every_n_steps=1, generate_fn=worker.generate)
+    values = callback.evaluate()
+    thread.join(60)
+    assert not thread.is_alive()
+    reference = rk.compose({_Gate(): 1.0, worker.Redness(): 1.0}, normalize="zscore")  # never armed
+    reference(first)
+    expected_scores = reference(second)  # the training call, sequentially, after the first batch
+    got, want = total.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert torch.equal(outputs["scores"], expected_scores) and total.update_stats
+    images = worker.generate(worker.PROMPTS, list(range(len(worker.PROMPTS))))
+    assert values["eval/gate_mean"] == images.mean(dim=(1, 2, 3)).double().mean().item()
