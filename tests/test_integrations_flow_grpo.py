@@ -205,7 +205,7 @@ def test_refusals_name_what_is_supported() -> None:
         "jpeg_compressibility"] is prebuilt
 
 
-def test_bad_inputs_raise_before_scoring() -> None:
+def test_bad_inputs_raise_before_scoring(models) -> None:
     fn = as_flow_grpo_reward({"jpeg_compressibility": 1.0})
     images = rkt.random_images(2, 16, 16)
     with pytest.raises(ValueError, match=r"\[0, 1\].*images / 255"):
@@ -216,6 +216,9 @@ def test_bad_inputs_raise_before_scoring() -> None:
         fn(_quantised(images).transpose(0, 3, 1, 2), PROMPTS[:2], METADATA[:2])
     with pytest.raises(ValueError, match="2 prompts"):
         fn(images, PROMPTS[:3], METADATA[:3])
+    assert fn(images, None, METADATA[:2])[0]["avg"] == fn(images, PROMPTS[:2], METADATA[:2])[0]["avg"]  # prompt-free
+    with pytest.raises(ValueError, match="prompt"):
+        as_flow_grpo_reward({"jpeg_compressibility": 1.0, "pickscore": 1.0}, models=models)(images, None, [{}, {}])
     with pytest.raises(ValueError, match="ref_images"):
         fn(images, PROMPTS[:2], METADATA[:2], ref_images=images)
     with pytest.raises(TypeError, match="non-empty list of PIL"):

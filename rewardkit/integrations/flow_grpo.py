@@ -201,13 +201,14 @@ class FlowGRPOReward:
                              "does not provide; drop it")
         batch = _Images(images)
         texts = prompts if prompts is None or isinstance(prompts, str) else list(prompts)
-        prompt_list = check_prompts(_NAME, texts, batch.count, False) or [""] * batch.count
+        needs_prompts = any(getattr(reward, "requires_prompt", True) for reward in self.members.values())
+        prompt_list = check_prompts(_NAME, texts, batch.count, needs_prompts)
         if self._lock is None:
             return self._score(batch, prompt_list, metadata, only_strict)
         with self._lock:
             return self._score(batch, prompt_list, metadata, only_strict)
 
-    def _score(self, batch: _Images, prompts: list[str], metadata: Any, only_strict: bool) -> tuple[dict, dict]:
+    def _score(self, batch: _Images, prompts: list[str] | None, metadata: Any, only_strict: bool) -> tuple[dict, dict]:
         scores: dict[str, list[float]] = {}
         failures: dict[str, dict[int, str]] = {}
         weighted = []
@@ -246,7 +247,7 @@ class FlowGRPOReward:
         self._lock = threading.Lock() if serialize else None
 
 
-def _rewardkit_scores(reward: Any, batch: _Images, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+def _rewardkit_scores(reward: Any, batch: _Images, prompts: list[str] | None) -> tuple[torch.Tensor, dict]:
     """A rewardkit reward on its own terms: the tensor path for tensors/arrays, the exact path for PIL lists."""
     from rewardkit.image_io import to_tensor
 
