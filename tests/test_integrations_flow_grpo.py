@@ -194,6 +194,10 @@ def test_refusals_name_what_is_supported() -> None:
         as_flow_grpo_reward({rk.load("jpeg-compressibility"): 1.0})
     with pytest.raises(TypeError, match="score_dict"):
         as_flow_grpo_reward("pickscore")
+    with pytest.raises(ValueError, match="'pickscore' must be a finite number, got 'x'"):
+        as_flow_grpo_reward({"pickscore": "x"})  # refused before any model loads (no weights here)
+    with pytest.raises(ValueError, match="unknown flow_grpo reward 'nope'"):
+        as_flow_grpo_reward({"pickscore": 1.0, "nope": 1.0})
     with pytest.raises(ValueError, match="empty score_dict"):
         as_flow_grpo_reward({})
     with pytest.raises(ValueError, match="nan_value"):

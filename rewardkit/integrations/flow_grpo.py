@@ -283,8 +283,8 @@ def _geneval(reward: Any, images: _Images, prompts: list[str], metadata: Any, on
     return details["partial"], details
 
 
-def _resolve(name: Any, device: Any, dtypes: Mapping[str, Any], checkpoints: Mapping[str, Any],
-             models: Mapping[str, Any]) -> Any:
+def _check_entry(name: Any, weight: Any) -> None:
+    """One score_dict entry: a supported flow_grpo name and a finite weight (checked before any model loads)."""
     if not isinstance(name, str):
         raise TypeError(f"{_NAME}: score_dict keys are flow_grpo reward names (str), got {describe(name)}; compose "
                         "rewardkit rewards with rk.compose and pass the composition instead")
@@ -294,6 +294,12 @@ def _resolve(name: Any, device: Any, dtypes: Mapping[str, Any], checkpoints: Map
         close = difflib.get_close_matches(name, list(SUPPORTED) + list(REFUSED), n=2, cutoff=0.5)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"{_NAME}: unknown flow_grpo reward {name!r}{hint}; supported: {sorted(SUPPORTED)}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"{_NAME}: the weight of {name!r} must be a finite number, got {weight!r}")
+
+
+def _resolve(name: str, device: Any, dtypes: Mapping[str, Any], checkpoints: Mapping[str, Any],
+             models: Mapping[str, Any]) -> Any:
     if name in models:
         for attr, value in SUPPORTED[name][1].items():  # a prebuilt reward must carry flow_grpo's load options
             have = getattr(models[name], attr, None)
@@ -338,6 +344,8 @@ def as_flow_grpo_reward(spec_or_reward: Any, device: Any = None, *, nan_value: f
     if isinstance(spec_or_reward, Mapping):
         if not spec_or_reward:
             raise ValueError(f"{_NAME}: empty score_dict; give e.g. {{'pickscore': 1.0}}")
+        for name, weight in spec_or_reward.items():
+            _check_entry(name, weight)
         members = {name: _resolve(name, device, dtypes or {}, checkpoints or {}, models or {})
                    for name in spec_or_reward}
         return FlowGRPOReward(members, spec_or_reward, nan_value, serialize)
