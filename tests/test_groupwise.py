@@ -123,3 +123,15 @@ def test_unified_reward_edit_adapter_turns_rank_answers_into_win_rates() -> None
     assert len(backend.requests[0].messages[0]["content"]) == 4  # [source, edit a, edit b, instruction]
     with pytest.raises(TypeError, match="unified-reward-edit"):
         edit_pairwise_judge(brightness_judge)
+
+
+def test_judge_reasons_reach_the_failure_details() -> None:
+    from rewardkit.protocols import RewardOutput
+
+    def failing(images_a, images_b, prompts):
+        n = len(prompts)
+        return RewardOutput(torch.full((n,), float("nan")), {"failure": ["no verdict in the answer"] * n})
+
+    out = pairwise_win_rates(_images([0.2, 0.4]), ["p", "p"], failing)
+    assert out.details["failure"] == ["all 1 pairs failed (no verdict in the answer)"] * 2
+    assert out.scores.isnan().all() and out.details["n_failed"].tolist() == [1, 1]
