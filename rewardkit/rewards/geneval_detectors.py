@@ -92,7 +92,7 @@ class Mask2FormerDetector:
 
     def _one(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: Any, valid: tuple[int, int],
              original: tuple[int, int]) -> dict[str, list[Detection]]:
-        num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+        num_classes = class_logits.shape[1] - 1
         scores = torch.softmax(class_logits, dim=-1)[:, :-1]  # drop "no object"
         top = min(MAX_PER_IMAGE, scores.numel())
         top_scores, top_index = scores.flatten().topk(top, sorted=False)

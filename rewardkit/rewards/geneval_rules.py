@@ -129,6 +129,11 @@ def relative_position(a: Detection, b: Detection, position_threshold: float = 0.
     return {name for name, hit in zip(RELATIONS, (dx < -0.5, dx > 0.5, dy < -0.5, dy > 0.5)) if hit}
 
 
+def _colour_reason(name: str, count: int, wanted: str, colors: list[str]) -> str:
+    found = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
+    return f"expected {wanted} {name}>={count}, found {colors.count(wanted)} {wanted}; and {found}"
+
+
 def _position_ok(found: Sequence[Detection], targets: Sequence[Detection], relation: str,
                  position_threshold: float) -> tuple[bool, str]:
     for obj in found:
@@ -155,8 +160,7 @@ def evaluate_geneval(objects: Mapping[str, Sequence[Detection]], metadata: Mappi
                 colors = list(classify(name, found))
                 if colors.count(req["color"]) < count:
                     correct = matched = False
-                    reasons.append(f"expected {req['color']} {name}>={count}, found {colors.count(req['color'])} "
-                                   f"{req['color']}; and " + ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors))
+                    reasons.append(_colour_reason(name, count, req["color"], colors))
             if "position" in req and matched:
                 relation, group = req["position"]
                 if groups[group] is None:
@@ -199,8 +203,7 @@ def evaluate_partial(objects: Mapping[str, Sequence[Detection]], metadata: Mappi
                 terms.append(1 - abs(count - colors.count(req["color"])) / count)
                 if colors.count(req["color"]) != count:
                     correct = matched = False
-                    reasons.append(f"expected {req['color']} {name}>={count}, found {colors.count(req['color'])} "
-                                   f"{req['color']}; and " + ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors))
+                    reasons.append(_colour_reason(name, count, req["color"], colors))
             if "position" in req and matched:
                 relation, group = req["position"]
                 if groups[group] is None:
