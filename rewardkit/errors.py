@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["check_images", "check_prompts", "describe"]
+__all__ = ["check_images", "check_not_meta", "check_prompts", "describe"]
 
 _FIX_CONVERT = "convert with rewardkit.image_io.to_tensor(x, layout=..., value_range=...)"
 
@@ -23,6 +23,16 @@ def describe(x: Any) -> str:
     return type(x).__name__
 
 
+def check_not_meta(name: str, tensor: torch.Tensor, what: str = "images") -> None:
+    """Raise ``ValueError`` for a tensor on the meta device: it has a shape but no values to score."""
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{name}: {what} are on the meta device ({describe(tensor)} with no values); materialise them "
+            "first: run the model that made them with real weights (e.g. module.to_empty(device='cpu') and "
+            "load its state dict, or build it outside `with torch.device('meta')`), then pass the real tensor"
+        )
+
+
 def check_images(name: str, images: Any) -> None:
     """Validate the canonical image input: float ``(B, 3, H, W)`` in ``[0, 1]``, B >= 1, no NaN.
 
@@ -33,6 +43,7 @@ def check_images(name: str, images: Any) -> None:
     expected = "expected images as a float tensor (B, 3, H, W) in [0, 1]"
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: {expected}, got {describe(images)}; {_FIX_CONVERT}")
+    check_not_meta(name, images)
     if not images.is_floating_point():
         raise ValueError(
             f"{name}: {expected}, got {describe(images)}; "

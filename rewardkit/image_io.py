@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from rewardkit.errors import describe
+from rewardkit.errors import check_not_meta, describe
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "list_images", "load_image", "load_images", "pil_to_tensor",
            "to_tensor", "as_rgb", "as_rgb_images"]
@@ -332,6 +332,7 @@ def _as_torch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(native if native.flags.writeable else native.copy())
     if not isinstance(x, torch.Tensor) or (x.dtype not in _ARRAY_DTYPES and x.dtype not in _TORCH_WIDEN):
         raise TypeError(f"to_tensor cannot convert {describe(x)}; use uint8, uint16, a signed integer or a float dtype")
+    check_not_meta("to_tensor", x)  # before the range check, whose host copy fails without a useful message
     return x
 
 

@@ -121,7 +121,9 @@ def resized_shape(height: int, width: int, spec: PreprocessSpec) -> tuple[int, i
         scale = size / float(max(height, width))  # HPSv2 ResizeMaxSize
         if scale == 1.0:
             return height, width
-        return round(height * scale), round(width * scale)
+        # Upstream rounds a short side below 0.5 px to 0 and torchvision's resize then raises (e.g. 2000x3 ->
+        # 224x0); like Pillow's Image.thumbnail, keep at least 1 px. Every ratio upstream accepts is unchanged.
+        return max(1, round(height * scale)), max(1, round(width * scale))
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)  # torchvision _compute_resized_output_size, HF get_resize_output_image_size
     return (new_long, size) if width <= height else (size, new_long)
@@ -148,6 +150,8 @@ def resize(
     if tuple(images.shape[-2:]) == (h, w):
         return images
     work = images.to(_compute_dtype(images))
+    if min(h, w) == 1:  # torch 2.x's channels-last antialiased CPU kernel is wrong (0.06 off) for a 1-px output side
+        work = work.contiguous()
     out = F.interpolate(work, size=(h, w), mode=interpolation, align_corners=False, antialias=antialias)
     return out.to(images.dtype)
 

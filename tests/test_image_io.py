@@ -409,3 +409,17 @@ def test_as_rgb_images_converts_in_memory_images_and_paths_alike(tmp_path):
     assert [im.mode for im in converted] == ["RGB"] * 3
     assert converted[0].tobytes() == converted[1].tobytes()
     assert converted[2].getpixel((0, 0)) == (10, 20, 30)  # alpha dropped, as Image.convert("RGB")
+
+
+def test_meta_device_tensors_are_refused_with_a_fix() -> None:
+    """A tensor on the meta device has a shape but no values: refused at the edge with the fix, by to_tensor
+    and by the shared input check every reward and metric runs (not torch's "Cannot copy out of meta tensor")."""
+    import rewardkit as rk
+
+    meta = torch.empty(2, 3, 16, 16, device="meta")
+    with pytest.raises(ValueError, match=r"^to_tensor: images are on the meta device .* materialise them"):
+        to_tensor(meta, layout="NCHW", value_range=(0, 1))
+    with pytest.raises(ValueError, match=r"^jpeg-compressibility: images are on the meta device .*to_empty"):
+        rk.load("jpeg-compressibility")(meta)
+    with pytest.raises(ValueError, match=r"^ssim \(reference=\): images are on the meta device"):
+        rk.load("ssim")(torch.rand(2, 3, 16, 16), reference=meta)

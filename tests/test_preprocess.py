@@ -294,3 +294,31 @@ def test_bf16_follows_input_dtype(spec):
     grad_in = images.to(torch.bfloat16).requires_grad_()
     preprocess(grad_in, spec).float().sum().backward()
     assert grad_in.grad is not None and grad_in.grad.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- extreme aspect ratios (HPS letterbox)
+
+
+@pytest.mark.parametrize("hw", [(3, 2000), (2000, 3), (1, 4000)])
+def test_longest_pad_keeps_at_least_one_pixel(hw):
+    """Upstream rounds 3 * 224 / 2000 = 0.34 px to 0 and torchvision's resize raises; Pillow's thumbnail
+    keeps 1 px, and so does rewardkit: one row (or column) of the image in the middle, zero padding around."""
+    height, width = hw
+    assert resized_shape(height, width, HPSV2) == tuple(1 if side < max(hw) else 224 for side in hw)
+    thumb = Image.new("RGB", (width, height))
+    thumb.thumbnail((224, 224))
+    assert (thumb.height, thumb.width) == resized_shape(height, width, HPSV2)
+    with pytest.raises(RuntimeError, match="greater than 0"):  # what upstream's ResizeMaxSize does here
+        TF.resize(torch.rand(3, height, width), [round(s * 224 / max(hw)) for s in hw])
+    images = torch.rand(2, 3, height, width)
+    out = preprocess(images, HPSV2)
+    assert out.shape == (2, 3, 224, 224) and torch.isfinite(out).all()
+    line = out[:, :, 111, :] if height < width else out[:, :, :, 111]  # pad 223 = 111 before + 112 after
+    expected = normalize(resize(images, resized_shape(height, width, HPSV2)), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    torch.testing.assert_close(line, expected.reshape(line.shape))
+    background = normalize(torch.zeros(1, 3, 1, 1), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    rest = torch.cat([out[:, :, :111], out[:, :, 112:]], 2) if height < width else torch.cat([out[..., :111], out[..., 112:]], 3)
+    torch.testing.assert_close(rest, background.expand_as(rest))
+    pil = [Image.fromarray((np.random.default_rng(i).random((height, width, 3)) * 255).astype(np.uint8)) for i in range(2)]
+    exact = preprocess_pil(pil, HPSV2)
+    torch.testing.assert_close(exact, preprocess(torch.stack([TF.to_tensor(p) for p in pil]), HPSV2))

@@ -124,7 +124,10 @@ def tiny_fid_inception(root: str | Path, layout: str = "upstream", seed: int = 0
     partial = path.with_name(path.name + f".{os.getpid()}.partial")  # atomic: no half-written cache hits
     if layout == "upstream":
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, partial)
+        # Through a file object: given a path, torch.save names the zip's records after the file ("<name>.<pid>/
+        # data.pkl"), so the bytes (and the sha256 stored with FID statistics) would differ between processes.
+        with open(partial, "wb") as handle:
+            torch.save(state, handle)
     else:
         _save_safetensors(state, partial)
     os.replace(partial, path)

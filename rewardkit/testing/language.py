@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from rewardkit.testing._common import save_hf_model
+
 __all__ = ["TINY_LM_FOLDER", "CHAT_TEMPLATE", "tiny_tokenizer", "tiny_causal_lm"]
 
 TINY_LM_FOLDER = "tiny-causal-lm"  # under ``root``
@@ -99,6 +101,6 @@ def tiny_causal_lm(root: str | Path, seed: int = 0) -> Path:
         model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=[eos_id, end_of_turn_id],
                                                pad_token_id=pad_id)
-    model.save_pretrained(str(folder))
+    save_hf_model(model, folder)  # every rank writes its folder (transformers 5 saves on rank 0 only)
     tokenizer.save_pretrained(str(folder))
     return folder
