@@ -5,8 +5,9 @@
   float64 buffer, whatever the batch size on each rank.
 * ``frechet_distance``: ``‖μ1−μ2‖² + tr Σ1 + tr Σ2 − 2 tr √(Σ1 Σ2)``. The trace of the matrix square
   root is taken as ``Σ √λᵢ`` over the eigenvalues of the symmetric PSD matrix ``R Σ2 R`` with
-  ``R = √Σ1`` (``Σ1 Σ2`` is similar to it, so the eigenvalues are real and ≥ 0; tiny negative round-off
-  is clamped to 0), by ``torch.linalg.eigh`` in float64. pytorch-fid and clean-fid call
+  ``R = √Σ1`` (``Σ1 Σ2`` is similar to it, so the eigenvalues are real and ≥ 0; round-off below the
+  numerical-rank tolerance ``D·eps·max λ``, negative or not, counts as 0: exact for rank-deficient Σ),
+  by ``torch.linalg.eigh`` in float64. pytorch-fid and clean-fid call
   ``scipy.linalg.sqrtm(Σ1 Σ2)`` (9 s for 2048², an "Imaginary component" error on rank-deficient input,
   and the ``disp`` argument they pass is gone in scipy 1.18); torch-fidelity and torchmetrics take the
   general ``eigvals`` of the non-symmetric product. On full-rank statistics all of these agree to
@@ -137,11 +138,25 @@ class GaussianStats:
         self.version += 1
 
 
+def _drop_round_off(values: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric PSD ``(D, D)`` float64 matrix with those below its numerical-rank tolerance
+    ``D * eps * max|λ|`` set to 0 (numpy.linalg.matrix_rank's default tolerance).
+
+    A covariance of ``n < D`` rows has rank ``n - 1``: its other ``D - n + 1`` eigenvalues are round-off,
+    about ``±eps * max|λ|``. Square-rooted they become about ``1e-8 * √max|λ|`` each, and summed over
+    thousands of them they put a spurious ``-1e-3`` into the distance of two identical 2048-D sets of 500
+    images; zeroing them keeps the exact low-rank value (the rank-``r`` part is unchanged).
+    """
+    tolerance = values.shape[-1] * torch.finfo(torch.float64).eps * values.abs().max()
+    return torch.where(values > tolerance, values, torch.zeros_like(values))
+
+
 def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a PSD matrix ``(D, D)`` float64 (negative eigenvalues clamped to 0)."""
+    """Symmetric square root of a PSD matrix ``(D, D)`` float64 (eigenvalues below the numerical-rank
+    tolerance, negative round-off included, set to 0; see ``_drop_round_off``)."""
     sym = (matrix + matrix.T) / 2
     values, vectors = torch.linalg.eigh(sym)
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    return (vectors * _drop_round_off(values).sqrt()) @ vectors.T
 
 
 def trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor, sqrt_sigma1: torch.Tensor | None = None) -> float:
@@ -154,12 +169,18 @@ def trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor, sqrt_sigma1: 
     root = psd_sqrt(sigma1.double()) if sqrt_sigma1 is None else sqrt_sigma1
     middle = root @ sigma2.double() @ root
     eigenvalues = torch.linalg.eigvalsh((middle + middle.T) / 2)
-    return float(eigenvalues.clamp_min(0).sqrt().sum())
+    return float(_drop_round_off(eigenvalues).sqrt().sum())
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor,
                      *, sqrt_sigma1: torch.Tensor | None = None) -> float:
-    """Fréchet distance between two Gaussians, float64; the raw value (it can be −1e-10 for equal sets).
+    """Fréchet distance between two Gaussians, float64; the raw value, never clipped at 0.
+
+    Eigenvalues below the numerical-rank tolerance (``_drop_round_off``) count as 0, so statistics of fewer
+    images than dimensions (rank ``n - 1 < D``) get their exact low-rank value: two identical sets give
+    ``|FD| <= 1e-11 * (tr Σ1 + tr Σ2)`` (tests; measured -3.4e-13 at n = 50, D = 256, and +1.6e-11 at n = 500,
+    D = 2048, where clamping only negative eigenvalues gave -3.9e-5 and -1.1e-3). Eigenvalues that small are
+    below what float64 sums resolve; dropping one moves ``tr √(Σ1 Σ2)`` by at most ``√(D * eps * max λ)``.
 
     Args:
         mu1, mu2: means ``(D,)``.
