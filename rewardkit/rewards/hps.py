@@ -8,7 +8,9 @@ longest side to 224 with tensor bicubic -> zero pad to 224x224 -> OpenAI mean/st
 v2.0 and v2.1 scores are not comparable (upstream README).
 
 Upstream preprocessing already works on tensors, so rewardkit's tensor path *is* the upstream
-computation (the exact path only adds ``ToTensor`` on PIL input). Upstream runs CUDA fp16 autocast;
+computation (the exact path only adds ``ToTensor`` on PIL input). One deliberate difference: where the short
+side rounds to 0 px (e.g. 2000x3 -> 224x0), upstream's resize raises; rewardkit keeps 1 px, as Pillow's
+``Image.thumbnail`` does (``preprocess.resized_shape``), on both paths. Upstream runs CUDA fp16 autocast;
 rewardkit's exact mode is fp32 and ``dtype="bf16"/"fp16"`` is its fast mode.
 
 DiffSynth-Studio's ``HPSv2Metric`` deviations not reproduced: QuickGELU, shortest-side crop instead
