@@ -16,6 +16,7 @@ Architectures only: no file paths, no downloads (see ``rewardkit.rewards.clip_co
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -145,24 +146,36 @@ class PromptEmbeddingCache:
     GRPO batches repeat each prompt G times and RL loops re-score the same prompt set every epoch:
     the text tower runs once per distinct prompt. Text embeddings do not depend on the images and the
     towers are frozen, so caching never changes a gradient that reaches the pixels.
+
+    Thread-safe: trainers score batches from worker threads, and an eviction by one thread between
+    another's membership test and its read would raise ``KeyError``; each lookup holds one lock.
     """
 
     def __init__(self, max_size: int = 4096) -> None:
         self.max_size = max_size
         self._store: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._store)
 
     def clear(self) -> None:
-        self._store.clear()
+        with self._lock:
+            self._store.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Cached tensors are derived data: do not pickle them.
-        return {"max_size": self.max_size, "_store": OrderedDict()}
+        # Cached tensors are derived data: do not pickle them (nor the lock).
+        return {"max_size": self.max_size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_size"])
 
     def lookup(self, prompts: list[str], mode: str, encode: Any) -> torch.Tensor:
         """Embeddings ``(B, D)`` for ``prompts``, calling ``encode(list_of_new_prompts)`` once for misses."""
+        with self._lock:
+            return self._lookup(prompts, mode, encode)
+
+    def _lookup(self, prompts: list[str], mode: str, encode: Any) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if (p, mode) not in self._store))
         if missing:
             # Computed outside inference mode so that tensors cached during RL sampling
