@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 import threading
 from pathlib import Path
 
@@ -31,8 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 _spec = importlib.util.spec_from_file_location(
     "callbacks_concurrency_worker", Path(__file__).parent / "distributed" / "callbacks_concurrency_worker.py")
 _dist = Path(__file__).parent / "distributed"
-import sys  # noqa: E402
-
 sys.path.insert(0, str(_dist))  # the worker imports its sibling callbacks_worker, as under torchrun
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)

@@ -2,11 +2,12 @@
 
 ``FIDEvalCallback`` and ``RewardEvalCallback`` generate images for a fixed prompt set with fixed seeds
 every ``every_n_steps`` steps. Each rank generates only its shard (contiguous, uneven allowed, possibly
-empty), updates the metric, and the ranks reduce by sums (FID: the metric's ``sync``; rewards: float64
-``[count, Σ, Σ²]`` per key), so no collective ever depends on a rank's batch sizes
-(``reference/rl_integration.md`` section 4: an unpadded ``gather`` of uneven shards returns garbage).
-Every rank gets the same values; logging goes to ``accelerator.log`` (accelerate's trackers log on
-the main process only: ``accelerate/accelerator.py`` ``Accelerator.log`` is ``@on_main_process``).
+empty), updates the metric, and the ranks reduce with all-reduce sums of fixed-shape tensors, so no
+collective ever depends on a rank's batch sizes (``reference/rl_integration.md`` section 4: an unpadded
+``gather`` of uneven shards returns garbage). Every rank gets the same values; logging goes to
+``accelerator.log`` (accelerate's trackers log on the main process only: ``accelerate/accelerator.py``
+``Accelerator.log`` is ``@on_main_process``).
+
 Rewards are reduced as rows: each rank writes its shard's scores into a zero ``(N, parts)`` float64
 matrix and one all-reduce sum gives every rank all N rows (``x + 0`` is exact), so the statistics are
 computed on the same vector as in one process: bit-identical to a single-process run, and the parts'
@@ -28,7 +29,7 @@ Evaluation runs under ``torch.no_grad`` (not ``inference_mode``: tensors a model
 evaluation would otherwise be unusable in later training steps), with the given modules in eval mode
 and every submodule's mode restored afterwards, and restores the Python, NumPy, CPU and (current
 device) CUDA RNG states, so training continues exactly as without evaluation. The generated side is
-reset afterwards; a zscore-composed reward's running statistics are not updated by evaluation.
+reset afterwards; a z-score composition's running statistics are not updated by evaluation.
 
 transformers: ``EvalTrainerCallback`` (``callback.as_trainer_callback(trainer)``, ``eval_trainer.py``)
 runs in ``on_step_end`` when ``state.global_step % every_n_steps == 0`` and logs with ``trainer.log``

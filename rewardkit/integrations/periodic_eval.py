@@ -13,8 +13,7 @@ do meanwhile (e.g. a reward thread pool scoring training batches). The RNG state
 other threads must not draw from the global RNGs while an evaluation runs (seeded ``torch.Generator``s
 are unaffected), or the restore at its end rewinds their draws.
 
-Imports go one way: ``callbacks`` -> ``periodic_eval`` -> ``hacking_alarm``; the transformers adapter
-(``eval_trainer``) imports none of them.
+Imports go one way: ``callbacks`` -> ``periodic_eval`` -> ``hacking_alarm``; ``eval_trainer`` imports none.
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ class EvalCallback:
 
     Subclasses implement ``_update(images, prompts)`` (local), ``_reduce(accelerator) -> dict`` (every
     rank, collective), ``_reset()`` and ``_alarm_inputs(values)``; ``_prepare(accelerator)`` runs before
-    generation; ``self._shard`` is this rank's range of prompt indices during an evaluation.
+    generation.
 
     Args:
         prompts: The fixed evaluation prompts (``N >= 1``); repeat a prompt with other seeds for more images.
@@ -143,7 +142,7 @@ class EvalCallback:
         self.alarm, self.stop_on_alarm = alarm, bool(stop_on_alarm)
         self.last_step: int | None = None
         self.should_stop = False  # set once the alarm fired with stop_on_alarm (same step on every rank)
-        self._shard = range(0)
+        self._shard = range(0)  # this rank's prompt indices during an evaluation
         self._train_lock = threading.Lock()  # record_train_reward may be called from reward threads
         self._train_sums: list[float] = []  # per-record sums of finite training rewards (fsum: order-free)
         self._train_count = 0
@@ -266,11 +265,11 @@ class EvalCallback:
     def _prompts_digest(self) -> str:
         return hashlib.sha256(json.dumps([self.prompts, self.seeds]).encode()).hexdigest()
 
-    def _extra_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:  # hook: subclass state, restored by _load_extra_state
         return {}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        """Hook: restore what ``_extra_state`` saved."""
+        pass
 
     # -- generation and subclass hooks ----------------------------------------------------------------
     def _generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -290,8 +289,8 @@ class EvalCallback:
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _prepare(self, accelerator: Any) -> None:
-        """Hook run on every rank before generation (inside the isolation context)."""
+    def _prepare(self, accelerator: Any) -> None:  # hook: every rank, before generation, isolated
+        pass
 
     def _update(self, images: torch.Tensor, prompts: list[str]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
