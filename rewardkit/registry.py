@@ -140,9 +140,10 @@ def _resolve(annotation: Any, namespace: dict[str, Any]) -> Any:
 def _keywords(func: Any, skip_required: bool) -> tuple[dict[str, Any], bool]:
     """``({name: default}, takes **kwargs)`` of ``func``'s keyword-capable parameters.
 
-    A parameter annotated with a config dataclass stands for that dataclass's fields (nested ones too), since
-    the factories take such fields as options (``rk.load("ssim", sigma=...)``). With ``skip_required``,
-    parameters without a default are left out: a class's required arguments are supplied by its factory.
+    With ``skip_required`` (a class that a factory builds), parameters without a default are left out (the
+    factory supplies them) and a parameter annotated with a config dataclass stands for that dataclass's
+    fields, nested ones too, since factories take such fields as options (``rk.load("ssim", sigma=...)``).
+    A factory's own parameters are always options as they are.
     """
     sig = inspect.signature(func)
     namespace = getattr(inspect.unwrap(func), "__globals__", {})
@@ -152,7 +153,7 @@ def _keywords(func: Any, skip_required: bool) -> tuple[dict[str, Any], bool]:
             continue
         if skip_required and param.default is param.empty:
             continue
-        kind = _resolve(param.annotation, namespace)
+        kind = _resolve(param.annotation, namespace) if skip_required else None
         found.update(_dataclass_fields(kind) if dataclasses.is_dataclass(kind) else {param.name: param.default})
     return found, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
