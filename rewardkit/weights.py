@@ -220,6 +220,8 @@ def _resolve_hf(src: WeightSource, allow_patterns: list[str] | None, what: str) 
             try:
                 path = fetch(True)
             except errors.LocalEntryNotFoundError:
+                if isinstance(exc, errors.OfflineModeIsEnabled):  # HF_HUB_OFFLINE was set when it was imported
+                    raise
                 if _is_network_error(exc):
                     raise DownloadTimeoutError(_timeout_message(
                         what, url, f"did not answer within {timeout:g} s ({_TIMEOUT_VAR}; {type(exc).__name__})"

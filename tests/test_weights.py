@@ -492,3 +492,18 @@ def test_hf_unreachable_uses_the_cached_copy(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _raiser(LocalEntryNotFoundError("not cached")))
     with pytest.raises(W.DownloadTimeoutError, match=r"resolve/main/f.bin did not answer within 30 s"):
         W.resolve_weights("hf:owner/repo/f.bin")
+
+
+def test_hf_offline_since_import_is_a_cache_miss_not_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE when imported: unset later, its first request refuses; a file not in
+    the cache is then reported as a cache miss (with the fix), not as a server that did not answer."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    def refused(self, *args, **kwargs):
+        raise OfflineModeIsEnabled("offline mode is enabled")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", refused)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _raiser(LocalEntryNotFoundError("not cached")))
+    with pytest.raises(FileNotFoundError, match="is not in the local Hugging Face cache; fix: download it first"):
+        W.resolve_weights("hf:owner/repo/f.bin")
