@@ -21,7 +21,10 @@ the advantages of its whole group into NaN. A row the reward could not score the
 ``info["failures"]`` (``{row: reason}``).
 
 Threads: ddpo-pytorch and trl call the function from thread pools; rewards keep per-instance caches, so calls
-score one at a time (``serialize=True``; ``False`` for thread-safe rewards).
+score one at a time (``serialize=True``; ``False`` for thread-safe rewards). A reward that declares
+``thread_safe`` (a composition: per-part locks, ticketed statistics) is never serialized here, and with an
+executor its place in a z-score composition's call order is reserved in the *submitting* thread, so results
+follow submission order whatever order the workers run in (the concurrency rule, docs/composition.md).
 """
 
 from __future__ import annotations
@@ -57,23 +60,24 @@ class DDPORewardFn:
         self.reward = reward
         self.executor = executor
         self.nan_value = nan_value
-        self._lock = threading.Lock() if serialize else None
+        self._lock = threading.Lock() if serialize and not getattr(reward, "thread_safe", False) else None
         self.__name__ = getattr(reward, "name", type(reward).__name__)
 
-    def _evaluate(self, images: torch.Tensor, prompts: list[str] | None) -> tuple[torch.Tensor, dict]:
+    def _evaluate(self, images: torch.Tensor, prompts: list[str] | None, ticket: Any = None) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             if hasattr(self.reward, "evaluate"):
-                out = self.reward.evaluate(images, prompts)
+                out = self.reward.evaluate(images, prompts, **({} if ticket is None else {"ticket": ticket}))
                 return out.scores, dict(out.details)
             return self.reward(images, prompts), {}
 
-    def _score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Any] | None) -> tuple:
+    def _score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Any] | None,
+               ticket: Any = None) -> tuple:
         prompt_list = list(prompts) if prompts is not None and not isinstance(prompts, str) else prompts
         if self._lock is None:
-            scores, info = self._evaluate(images, prompt_list)
+            scores, info = self._evaluate(images, prompt_list, ticket)
         else:
             with self._lock:
-                scores, info = self._evaluate(images, prompt_list)
+                scores, info = self._evaluate(images, prompt_list, ticket)
         failures = row_failures(scores, info)
         if failures and self.nan_value is None:
             raise ValueError(f"{self.__name__}: rows {sorted(failures)} could not be scored ({failures}); DDPO's "
@@ -87,7 +91,16 @@ class DDPORewardFn:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Any] | None = None) -> tuple:
         if self.executor is None:
             return self._score(images, prompts, metadata)
-        job = self.executor.submit(self._score, images, prompts, metadata)
+        reserve = getattr(self.reward, "reserve", None) if getattr(self.reward, "stateful", False) else None
+        ticket = reserve() if callable(reserve) else None  # the submission order is the call order
+        try:
+            job = self.executor.submit(self._score, images, prompts, metadata, ticket)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+        if ticket is not None:  # a job cancelled before it ran gives its place up (later jobs would wait)
+            job.add_done_callback(lambda done: ticket.release() if done.cancelled() else None)
         rewards: Future = Future()
         info: Future = Future()
 
@@ -112,7 +125,7 @@ class DDPORewardFn:
     def __setstate__(self, state: dict[str, Any]) -> None:
         serialize = state.pop("serialize", True)
         self.__dict__.update(state)
-        self._lock = threading.Lock() if serialize else None
+        self._lock = threading.Lock() if serialize and not getattr(self.reward, "thread_safe", False) else None
 
 
 def as_ddpo_reward(reward: Any, executor: Executor | None = None, *, nan_value: float | None = None,

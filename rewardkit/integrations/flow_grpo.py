@@ -43,7 +43,9 @@ the advantages of its whole prompt group NaN, so such a row raises ``ValueError`
 ``avg`` to ``x`` (e.g. 0.0, what upstream's OCR and UnifiedReward score on failure).
 
 Threads: the adapter keeps no state between calls; rewards keep per-instance caches, so concurrent calls score
-one at a time (``serialize=True``; ``False`` for thread-safe rewards).
+one at a time (``serialize=True``; ``False`` for thread-safe rewards). Rewards that declare ``thread_safe`` (a
+composition) are not serialized here: a z-score composition orders its statistics by the order calls enter it
+(docs/composition.md), which a lock would scramble.
 """
 
 from __future__ import annotations
@@ -191,8 +193,13 @@ class FlowGRPOReward:
         self.members = dict(members)  # flow_grpo name (or the reward's name) -> RewardFn
         self.weights = None if weights is None else {k: float(v) for k, v in weights.items()}
         self.nan_value = nan_value
-        self._lock = threading.Lock() if serialize else None
+        self._lock = threading.Lock() if serialize and not self._thread_safe() else None
         self.__name__ = "multi_score"
+
+    def _thread_safe(self) -> bool:
+        # Compositions declare thread_safe (per-part locks, ticketed z-score statistics): a lock here would hand
+        # them calls in lock-acquisition order instead of the order the pool's workers took them.
+        return all(getattr(reward, "thread_safe", False) for reward in self.members.values())
 
     def __call__(self, images: Any, prompts: Sequence[str], metadata: Sequence[Any] | None = None,
                  ref_images: Any = None, only_strict: bool = True) -> tuple[dict[str, list[float]], dict]:
@@ -244,7 +251,7 @@ class FlowGRPOReward:
     def __setstate__(self, state: dict[str, Any]) -> None:
         serialize = state.pop("_lock")
         self.__dict__.update(state)
-        self._lock = threading.Lock() if serialize else None
+        self._lock = threading.Lock() if serialize and not self._thread_safe() else None
 
 
 def _rewardkit_scores(reward: Any, batch: _Images, prompts: list[str] | None) -> tuple[torch.Tensor, dict]:
