@@ -48,3 +48,54 @@ def test_moving_a_reward_clears_its_cache(tiny_root) -> None:
     assert len(reward.prompt_cache) == 1
     reward.to(torch.float32)
     assert len(reward.prompt_cache) == 0
+
+
+def test_replaced_weights_at_the_same_path_are_loaded_again(tmp_path) -> None:
+    """Issue 13.3: the shared tower cache must not serve the old weights after the folder's files changed."""
+    import shutil
+
+    import rewardkit as rk
+    from rewardkit.testing.clip import tiny_pickscore
+
+    images = rkt.random_images(3, 32, 32, seed=7)
+    first_kwargs = tiny_pickscore(tmp_path / "a", seed=1)
+    first = rk.load("pickscore", **first_kwargs)
+    old = first(images, "an owl")
+    # Replace the folder's content (another seed) at the same path while the first reward is still alive.
+    other = tiny_pickscore(tmp_path / "b", seed=11)["weights"]
+    shutil.rmtree(first_kwargs["weights"])
+    shutil.copytree(other, first_kwargs["weights"])
+    second = rk.load("pickscore", **first_kwargs)
+    assert second.towers is not first.towers
+    new = second(images, "an owl")
+    fresh = rk.load("pickscore", weights=other)(images, "an owl")
+    assert not torch.allclose(old, new)
+    torch.testing.assert_close(new, fresh, rtol=0, atol=0)
+    # Unchanged files still share one tower.
+    assert rk.load("pickscore", **first_kwargs).towers is second.towers
+
+
+def test_content_key_changes_when_a_file_is_rewritten_or_replaced(tmp_path) -> None:
+    import os
+
+    from rewardkit.rewards.clip_common import content_key
+
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"0" * 64)
+    before = content_key(path)
+    assert content_key(path) == before  # stable while nothing changes
+    replacement = tmp_path / "new.safetensors"
+    replacement.write_bytes(b"1" * 64)  # same size
+    os.replace(replacement, path)  # a new inode at the same path
+    replaced = content_key(path)
+    assert replaced != before
+    stat = path.stat()
+    path.write_bytes(b"2" * 64)  # rewritten in place, same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert content_key(path) != replaced
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    folder_key = content_key(folder)
+    (folder / "model.safetensors").write_bytes(b"3")
+    assert content_key(folder) != folder_key

@@ -38,7 +38,7 @@ from rewardkit.weights import (
 )
 
 __all__ = ["ClipCheckpoint", "load_clip_checkpoint", "ClipEmbeddingReward", "resolve_device", "spec_for",
-           "load_hf_towers_from_state"]
+           "load_hf_towers_from_state", "content_key"]
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -73,8 +73,34 @@ class ClipCheckpoint:
         self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
 
 
-_SHARED: weakref.WeakValueDictionary[tuple[str, bool], ClipTowers] = weakref.WeakValueDictionary()
+# Towers shared between rewards loaded from the same weights (e.g. clip-score and aesthetic on one ViT-L/14).
+# Keyed on what identifies the *content* (``content_key``) plus what changes the built model (vision_only),
+# so a file replaced at the same path is loaded again instead of serving the old weights (issue 13.3).
+_SHARED: weakref.WeakValueDictionary[tuple[Any, bool], ClipTowers] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
+# Files of a weight folder that identify its content (weights, architecture, tokenizer/preprocessor configs).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt")
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    """``(name, size, mtime_ns, inode)`` of a file, following symlinks (hub snapshots link into blobs)."""
+    info = path.stat()
+    return path.name, info.st_size, info.st_mtime_ns, info.st_ino
+
+
+def content_key(path: Path) -> tuple:
+    """What identifies the weights at ``path`` without reading them: resolved path + stat of every file.
+
+    Size, mtime (ns) and inode change when a file is rewritten or replaced (``cp``, ``mv``, a fresh
+    download), which is what makes a cached tower stale. Hashing (sha256) would also catch a same-size
+    rewrite with a forged mtime, but costs seconds per GB on every load of multi-GB CLIP towers, so
+    the stat fingerprint is used. For a folder: the same over its weight/config files (not recursive).
+    """
+    resolved = path.resolve()
+    if not resolved.is_dir():
+        return str(resolved), _stat_key(resolved)
+    files = sorted(p for p in resolved.iterdir() if p.suffix in _IDENTITY_SUFFIXES and p.is_file())
+    return str(resolved), tuple(_stat_key(p) for p in files)
 
 
 def resolve_device(device: Any) -> torch.device:
@@ -199,9 +225,9 @@ def load_clip_checkpoint(
         vision_only: build only the image tower (aesthetic).
     """
     path = resolve_weights(weights, allow_patterns=HF_FOLDER_PATTERNS + OPEN_CLIP_FOLDER_PATTERNS, what=name)
-    key = (str(path.resolve()), vision_only)
+    key = (content_key(path), vision_only)
     with _SHARED_LOCK:
-        for candidate in ((key[0], False), key):
+        for candidate in ((key[0], False), key):  # an image-only reward may reuse full towers
             cached = _SHARED.get(candidate)
             if cached is not None and config is None and processor is None:
                 fmt = "hf" if isinstance(cached, HFClipTowers) else "open_clip"
