@@ -2,10 +2,13 @@
 on threads or on when each rank reaches a collective.
 
 * Two gloo ranks evaluate ``RewardEvalCallback`` (tiny CLIP aesthetic composed with two toy parts, with the
-  reward-hacking alarm) and ``FIDEvalCallback`` (pixel features) while the same composed reward scores
-  training batches on a 3-thread pool, with rank-dependent sleeps: the logged values equal one sequential
-  process, bit for bit for the rewards (rows are all-reduced, then reduced identically), within a stated
-  float64 tolerance for FID (its sums add the shards in another order), and the ranks agree bit for bit.
+  reward-hacking alarm), ``FIDEvalCallback`` (pixel features) and a ``RewardEvalCallback`` of a z-score
+  composition while the first composed reward scores training batches on a 3-thread pool, with
+  rank-dependent sleeps; the z-score composition is trained on the pool too (ticketed, all-reducing),
+  resolved before each evaluation. The logged values equal one sequential process: bit for bit for the
+  rewards' raw parts, correlations and alarm (rows are all-reduced, then reduced identically), within
+  stated float64-order tolerances for FID and for anything read through z-score statistics (their sums
+  add the ranks' shares in another order); the ranks agree bit for bit.
 * A z-score composition called by a training thread *during* an evaluation still folds that batch into its
   running statistics: the evaluation never flips the shared ``update_stats`` flag (the bug this replaced).
 """
@@ -42,19 +45,29 @@ sys.path.remove(str(_dist))
 # (measured: see the report in the assertion message). Rewards need no tolerance.
 FID_REL_TOL = 1e-9
 TRAIN_REWARD_REL_TOL = 1e-12  # per-rank exactly rounded sums (math.fsum), then one float64 addition
+FLOAT64_ORDER_REL_TOL = 1e-12  # z-score moments: (sum of rank 0) + (sum of rank 1) vs one pass over both
+# z-scores are float32: statistics that differ in the last float64 bits may round a score differently
+ZSCORE_REL_TOL = 1e-6
 
 
 def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-def _sequential(tmp_path: Path) -> tuple[dict, dict]:
-    """The same callbacks in one process, no threads: evaluations at steps 2 and 4, training rewards of
-    both ranks' batches recorded in the order the worker records them, and every batch's scores."""
+def _sequential(tmp_path: Path) -> tuple[dict, dict, dict]:
+    """The same callbacks in one process, no threads, in the worker's order at every step: the z-score
+    training batches (both ranks' batch ``i`` in one call, as their all-reduce folds them together), the
+    evaluations (steps 2 and 4), then the stateless training batches, recorded for the alarm."""
     callbacks = worker.build(tmp_path / "tiny")
-    reward = callbacks["reward"].reward
+    reward, zreward = callbacks["reward"].reward, callbacks["zscore"].reward
     results, train = {name: {} for name in callbacks}, {}
     for step in range(1, worker.STEPS + 1):
+        for index in range(worker.JOBS_PER_STEP):
+            batches = [worker.training_batch(rank, step, index) for rank in (0, 1)]
+            scores = zreward(torch.cat([b[0] for b in batches]), batches[0][1] + batches[1][1]).tolist()
+            for rank, batch in enumerate(batches):
+                size = batch[0].shape[0]
+                train[(rank, f"z{step}/{index}")] = scores[rank * size : (rank + 1) * size]
         for name, callback in callbacks.items():
             values = callback.maybe_evaluate(step)
             if values is not None:
@@ -65,34 +78,44 @@ def _sequential(tmp_path: Path) -> tuple[dict, dict]:
                 scores = reward(images, prompts).tolist()
                 train[(rank, f"{step}/{index}")] = scores
                 callbacks["reward"].record_train_reward(torch.tensor(scores))
-    return results, train
+    state = {k: v.tolist() for k, v in zreward.state_dict().items()}
+    return results, train, state
 
 
 def test_two_ranks_with_a_scoring_thread_pool_equal_one_sequential_process(run_two_processes, tmp_path) -> None:
     ranks = run_two_processes("callbacks_concurrency_worker.py", free_port())
-    expected, train = _sequential(tmp_path)
+    expected, train, zstate = _sequential(tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["results"] == ranks[1]["results"]  # bit for bit across ranks, FID included
+    assert ranks[0]["zscore_state"] == ranks[1]["zscore_state"]
+    for key, value in zstate.items():  # each rank's moments summed by the all-reduce vs one pass over both
+        assert ranks[0]["zscore_state"][key] == pytest.approx(value, rel=FLOAT64_ORDER_REL_TOL), key
     for rank in ranks:
-        for key, scores in rank["train"].items():  # the pool's scores equal sequential calls
-            assert scores == train[(rank["rank"], key)], key
-        reward, fid = rank["results"]["reward"], rank["results"]["fid"]
-        assert sorted(reward) == sorted(fid) == ["2", "4"]
-        for step, values in reward.items():
-            assert values.keys() == expected["reward"][step].keys()
+        for key, scores in rank["train"].items():
+            if key.startswith("z"):  # float32 z-scores of statistics equal up to float64 order
+                assert scores == pytest.approx(train[(rank["rank"], key)], rel=ZSCORE_REL_TOL, abs=ZSCORE_REL_TOL)
+            else:  # the pool's stateless scores equal sequential calls bit for bit
+                assert scores == train[(rank["rank"], key)], key
+    results = ranks[0]["results"]
+    assert sorted(results["reward"]) == sorted(results["fid"]) == sorted(results["zscore"]) == ["2", "4"]
+    for step in ("2", "4"):
+        for name in ("reward", "zscore"):
+            values = results[name][step]
+            assert values.keys() == expected[name][step].keys()
             for key, value in values.items():
-                want = expected["reward"][step][key]
+                want = expected[name][step][key]
                 if key == "eval/train_reward":
                     assert value == pytest.approx(want, rel=TRAIN_REWARD_REL_TOL), key
-                else:
+                elif key.startswith("eval/zcomposed_"):  # the total reads the z-score statistics
+                    assert value == pytest.approx(want, rel=ZSCORE_REL_TOL), key
+                else:  # raw parts, their correlations, the alarm flag
                     assert _same(value, want), (step, key, value, want)
-            assert not math.isnan(values["eval/composed/spearman/aesthetic~brightness"])
-        for step, values in fid.items():
-            want = expected["fid"][step]
-            assert values["eval/fid_num_images"] == want["eval/fid_num_images"] == len(worker.PROMPTS)
-            gap = abs(values["eval/fid"] - want["eval/fid"]) / abs(want["eval/fid"])
-            assert gap <= FID_REL_TOL, f"FID relative gap {gap:.3g}"
-    assert ranks[0]["results"] == ranks[1]["results"]  # bit for bit across ranks, FID included
-    assert [e["step"] for e in ranks[0]["logged"]] == [2, 2, 4, 4] and ranks[1]["logged"] == []
+        assert not math.isnan(results["reward"][step]["eval/composed/spearman/aesthetic~brightness"])
+        fid, want = results["fid"][step], expected["fid"][step]
+        assert fid["eval/fid_num_images"] == want["eval/fid_num_images"] == len(worker.PROMPTS)
+        gap = abs(fid["eval/fid"] - want["eval/fid"]) / abs(want["eval/fid"])
+        assert gap <= FID_REL_TOL, f"FID relative gap {gap:.3g}"
+    assert [e["step"] for e in ranks[0]["logged"]] == [2, 2, 2, 4, 4, 4] and ranks[1]["logged"] == []
 
 
 class _Gate(Reward):

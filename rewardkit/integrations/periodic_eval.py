@@ -9,7 +9,8 @@ measurement (update locally, reduce collectively, reset). See ``callbacks.py`` f
 
 Concurrency: every collective (the subclass's reduction, then the alarm's training-reward sum) is
 issued by the thread that calls ``evaluate``, in the same order on every rank, whatever other threads
-do meanwhile (e.g. a reward thread pool scoring training batches). The RNG states are process-global:
+do meanwhile (e.g. a reward thread pool scoring training batches); a reward that issues collectives
+itself (a z-score composition) must have no call in flight then. The RNG states are process-global:
 other threads must not draw from the global RNGs while an evaluation runs (seeded ``torch.Generator``s
 are unaffected), or the restore at its end rewinds their draws.
 
