@@ -163,3 +163,24 @@ def test_a_training_thread_keeps_updating_zscore_statistics_during_an_evaluation
     assert torch.equal(outputs["scores"], expected_scores) and total.update_stats
     images = worker.generate(worker.PROMPTS, list(range(len(worker.PROMPTS))))
     assert values["eval/gate_mean"] == images.mean(dim=(1, 2, 3)).double().mean().item()
+
+
+class _Stateful(Reward):
+    """A user reward with an ``update_stats`` flag but no per-call override: evaluated through a view."""
+
+    name, requires_prompt, differentiable = "stateful", False, False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.update_stats, self.seen, self.instance = True, [], [self]  # a list: not registered as a submodule
+
+    def score(self, images, prompts, **context):
+        self.seen.append((self.update_stats, self.instance[0].update_stats))  # the view's flag, the instance's
+        return RewardOutput(images.mean(dim=(1, 2, 3)).float())
+
+
+def test_a_reward_without_a_per_call_flag_is_evaluated_through_a_view() -> None:
+    reward = _Stateful()
+    values = RewardEvalCallback(reward, worker.PROMPTS, every_n_steps=1, generate_fn=worker.generate).evaluate()
+    assert reward.seen == [(False, True)]  # frozen for the evaluation, never flipped on the shared instance
+    assert reward.update_stats and values["eval/stateful_mean"] > 0
