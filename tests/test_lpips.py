@@ -298,3 +298,36 @@ def test_checkpoint_with_wrong_heads(root, tmp_path):
     torch.save(state, tmp_path / "inconsistent.pth")
     with pytest.raises(ValueError, match="two different tensors"):
         load_lpips(weights=str(tmp_path / "inconsistent.pth"))
+
+
+@pytest.mark.parametrize("net", sorted(TRUNKS))
+def test_real_v0_1_heads_of_every_net(root, pair, net):
+    """The real v0.1 heads: lpips' and torchmetrics' copies are byte-identical (rewardkit bundles none), load
+    strictly, and LPIPS with them equals ``lpips.LPIPS(pretrained=True, pnet_rand=True)`` (the same real heads,
+    read by lpips itself) on the SAME random trunk (the real trunk would be a download)."""
+    import importlib.util
+    from pathlib import Path
+
+    import rewardkit.metrics.lpips as rk_lpips
+    from rewardkit.weights import file_sha256
+
+    copies = []
+    for package, folder in (("lpips", "weights/v0.1"), ("torchmetrics", "functional/image/lpips_models")):
+        spec = importlib.util.find_spec(package)
+        copies.append(Path(spec.submodule_search_locations[0]) / folder / f"{net}.pth")
+    assert copies[0].read_bytes() == copies[1].read_bytes()
+    assert file_sha256(copies[0]) == rk_lpips.HEADS_SHA256[net] and packaged_heads(net) == copies[0]
+    assert not list(Path(rk_lpips.__file__).parent.parent.rglob(f"{net}.pth"))  # nothing bundled to drift
+    x, y = pair
+    trunk = tiny_lpips(root / "real-heads", "upstream", net=net)["weights"]["trunk"]
+    reference = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+    real_heads = {k: v for k, v in reference.state_dict().items() if k.startswith("lin")}
+    trunk_state = {k: v for k, v in tiny_lpips_state(net).items() if k.startswith("net.")}
+    reference.load_state_dict({**reference.state_dict(), **trunk_state}, strict=True)
+    ours = load_lpips(weights={"trunk": trunk, "heads": str(copies[1])}, net=net)  # torchmetrics' copy
+    ours_state = ours.state_dict()
+    for key, value in real_heads.items():
+        if key.startswith("lin") and not key.startswith("lins"):
+            assert torch.equal(next(v for k, v in ours_state.items() if k.endswith(key)), value), key
+    with torch.no_grad():
+        _close(ours(x, reference=y), _upstream_scores(reference, x, y))

@@ -248,3 +248,102 @@ def test_torch_fidelity_preset_equals_torch_fidelity(torchscript_file, converted
                                                        batch_size=2 * PER_PHOTO, verbose=False,
                                                        save_cpu_ram=True)["2048"] for side in ("a", "b")}
     _assert_features_and_fid(_rewardkit_features(torchscript_file, "torch-fidelity", photo_sets)[1], theirs)
+
+
+# -- the real LAION aesthetic head ---------------------------------------------------------------------
+# CI keeps the project's shared/ folder beside the clone; the file is test data, never a run-time need.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"  # shared/data/README.md
+AESTHETIC_EMBED_DIM = 768  # CLIP ViT-L/14 projection width, the head's input
+AESTHETIC_ATOL = 1e-5  # scores of a few units; same float32 linear layers, normalisation numpy vs torch
+
+
+def aesthetic_head_file() -> Path:
+    path = SHARED_DATA / AESTHETIC_HEAD_FILE
+    if not path.is_file():
+        pytest.fail(f"the real aesthetic head is missing: {path} not found; the tests expect the project's shared/ "
+                    "folder beside the clone (shared/data/README.md), as CI provides it")
+    return path
+
+
+class UpstreamAestheticMLP(torch.nn.Module):
+    """christophschuhmann/improved-aesthetic-predictor ``simple_inference.py`` ``MLP``, reproduced.
+
+    Upstream subclasses ``pytorch_lightning.LightningModule`` and adds training hooks; only the layer stack
+    and ``forward`` take part in scoring, and they are written out here as upstream declares them.
+    """
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(self.input_size, 1024), torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def upstream_normalized(a: np.ndarray, axis: int = -1, order: int = 2) -> np.ndarray:
+    """``simple_inference.py`` ``normalized``: L2 normalisation in numpy, zero norms left as they are."""
+    l2 = np.atleast_1d(np.linalg.norm(a, order, axis))
+    l2[l2 == 0] = 1
+    return a / np.expand_dims(l2, axis)
+
+
+def write_clip_768(folder: Path, seed: int = 5) -> Path:
+    """A tiny OpenAI-style (QuickGELU) HF CLIP folder whose projection is 768 wide, as ViT-L/14's."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from rewardkit.testing._common import save_hf_model
+    from rewardkit.testing.clip import _write_preprocessor_config, tiny_hf_clip_config, write_clip_tokenizer
+
+    config = {**tiny_hf_clip_config("quick_gelu"), "projection_dim": AESTHETIC_EMBED_DIM}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(**config)).eval()
+    save_hf_model(model, folder)
+    write_clip_tokenizer(folder)
+    _write_preprocessor_config(folder, 32)
+    return folder
+
+
+def test_real_aesthetic_head_loads_strictly_and_equals_upstream_mlp(tmp_path):
+    """The released head loads strictly (every tensor equal to the file's) and scores as upstream's MLP,
+    on the same embeddings, and end to end on a tiny 768-wide CLIP tower run by transformers."""
+    import rewardkit as rk
+    from rewardkit.preprocess import preprocess
+    from rewardkit.testing import random_images
+    from rewardkit.weights import file_sha256
+    from transformers import CLIPModel
+
+    head = aesthetic_head_file()
+    assert file_sha256(head) == AESTHETIC_HEAD_SHA256
+    state = torch.load(head, map_location="cpu", weights_only=True)
+    upstream = UpstreamAestheticMLP(AESTHETIC_EMBED_DIM)
+    upstream.load_state_dict(state, strict=True)
+    upstream.eval()
+    clip_folder = write_clip_768(tmp_path / "clip-768")
+    reward = rk.load("aesthetic", weights=str(head), clip_weights=str(clip_folder))
+    assert reward.mlp.state_dict().keys() == state.keys()
+    assert all(torch.equal(reward.mlp.state_dict()[k], v) for k, v in state.items())
+
+    embeddings = np.random.default_rng(0).standard_normal((6, AESTHETIC_EMBED_DIM)).astype(np.float32)
+    with torch.no_grad():
+        expected = upstream(torch.from_numpy(upstream_normalized(embeddings)).float()).squeeze(-1)
+        ours, _ = reward.head(torch.nn.functional.normalize(torch.from_numpy(embeddings), dim=-1), None)
+    assert expected.std() > 0.01  # the real head separates these embeddings
+    torch.testing.assert_close(ours, expected, rtol=0, atol=AESTHETIC_ATOL)
+
+    images = random_images(4, 48, 40, seed=3)
+    with torch.no_grad():
+        pixels = preprocess(images, reward.spec)
+        features = CLIPModel.from_pretrained(str(clip_folder)).eval().get_image_features(pixel_values=pixels)
+        features = getattr(features, "pooler_output", features)  # transformers 5 may return a model output
+        upstream_scores = upstream(torch.from_numpy(upstream_normalized(features.numpy())).float()).squeeze(-1)
+        torch.testing.assert_close(reward(images), upstream_scores, rtol=0, atol=AESTHETIC_ATOL)
