@@ -78,8 +78,10 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(json.dumps(entries, indent=2))
         return
     yes_no = {True: "yes", False: "no"}
-    def needs(entry: dict) -> str:  # the extra images a reward takes beside the scored ones
-        return "reference=" if entry["requires_reference"] else "source=" if entry["requires_source"] else "-"
+    def needs(entry: dict) -> str:  # what a reward takes beside the scored images and prompts
+        keys = [key for key, flag in (("reference=", "requires_reference"), ("source=", "requires_source"),
+                                      ("metadata=", "requires_metadata")) if entry[flag]]
+        return ",".join(keys) or "-"
 
     table = [("NAME", "KIND", "DIFF", "PROMPT", "NEEDS", "DEFAULT WEIGHTS", "DESCRIPTION")] + [
         (e["name"], e["kind"], yes_no[e["differentiable"]], yes_no[e["requires_prompt"]], needs(e),

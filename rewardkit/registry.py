@@ -36,6 +36,10 @@ class Entry:
         requires_source: an edit reward that needs ``source=`` images (the unedited inputs).
         generative: a VLM judge that answers in text which is parsed; a row whose answer cannot be parsed
             scores NaN with the reason in ``details["failure"]``.
+        requires_metadata: the reward scores each image against a per-row record passed as ``metadata=``
+            (one dict per image, e.g. GenEval's ``tag`` / ``include`` / ``exclude``); a row without one is NaN.
+        example_prompt: a prompt of the form the reward reads, where it reads a particular form (``ocr``: the
+            target in double quotes); ``None`` = any caption. For demos, tests and ``--tiny`` runs.
         score_range: informational ``(low, high)``; ``None`` for unbounded sides.
         default_weights: the upstream source used when ``weights=None``.
         upstream: where the original implementation lives (cited in docs).
@@ -53,6 +57,8 @@ class Entry:
     requires_reference: bool = False
     requires_source: bool = False
     generative: bool = False
+    requires_metadata: bool = False
+    example_prompt: str | None = None
     score_range: tuple[float | None, float | None] = (None, None)
     default_weights: str | None = None
     upstream: str = ""
@@ -288,5 +294,5 @@ register(Entry("ssim", "reward", f"{_METRICS}.ssim:load_ssim", "SSIM vs referenc
 register(Entry("ms-ssim", "reward", f"{_METRICS}.ssim:load_ms_ssim", "MS-SSIM vs reference= images (5 scales, Wang et al. 2003 weights); presets torchmetrics and pytorch-msssim", score_range=(0.0, 1.0), upstream="Wang et al. 2003; torchmetrics MS-SSIM; VainF/pytorch-msssim", **_PAIRED))
 register(Entry("psnr", "reward", f"{_METRICS}.psnr:load_psnr", "PSNR in dB per image vs reference= images, data_range 1 for [0, 1] input", score_range=(None, None), upstream="scikit-image peak_signal_noise_ratio", **_PAIRED))
 register(Entry("lpips", "reward", f"{_METRICS}.lpips:load_lpips", "LPIPS v0.1 distance vs reference= images (alex default; vgg, squeeze)", higher_is_better=False, default_weights="torchvision ImageNet trunk + lpips v0.1 heads", upstream="richzhang/PerceptualSimilarity (lpips 0.1)", tiny="tiny_lpips", **_PAIRED))
-register(Entry("ocr", "reward", "rewardkit.rewards.ocr:load", "Flow-GRPO OCR: 1 - capped Levenshtein(recognised, quoted target) / len(target); PP-OCRv4 via rapidocr (paddleocr / vlm backends)", differentiable=False, generative=True, score_range=(0.0, 1.0), default_weights="rapidocr-onnxruntime wheel: ch_PP-OCRv4_{det,rec}_infer.onnx", upstream="yifan123/flow_grpo flow_grpo/ocr.py OcrScorer", extras="ocr", tiny="tiny_ocr"))
-register(Entry("geneval", "reward", "rewardkit.rewards.geneval:load", "GenEval (Ghosh et al. 2023) per image from metadata= (tag/include/exclude): flow_grpo partial score (score=strict|correct); Mask2Former + CLIP ViT-L-14 colours", differentiable=False, requires_prompt=False, generative=True, score_range=(0.0, 1.0), default_weights="hf:facebook/mask2former-swin-small-coco-instance (+ hf:timm/vit_large_patch14_clip_224.openai)", upstream="djghosh13/geneval evaluation/evaluate_images.py; yifan123/reward-server gen_eval.py", tiny="tiny_geneval"))
+register(Entry("ocr", "reward", "rewardkit.rewards.ocr:load", "Flow-GRPO OCR: 1 - capped Levenshtein(recognised, quoted target) / len(target); PP-OCRv4 via rapidocr (paddleocr / vlm backends)", differentiable=False, example_prompt='a shop sign that reads "OPEN DAILY"', score_range=(0.0, 1.0), default_weights="rapidocr-onnxruntime wheel: ch_PP-OCRv4_{det,rec}_infer.onnx", upstream="yifan123/flow_grpo flow_grpo/ocr.py OcrScorer", extras="ocr", tiny="tiny_ocr"))
+register(Entry("geneval", "reward", "rewardkit.rewards.geneval:load", "GenEval (Ghosh et al. 2023) per image from metadata= (tag/include/exclude): flow_grpo partial score (score=strict|correct); Mask2Former + CLIP ViT-L-14 colours", differentiable=False, requires_prompt=False, requires_metadata=True, score_range=(0.0, 1.0), default_weights="hf:facebook/mask2former-swin-small-coco-instance (+ hf:timm/vit_large_patch14_clip_224.openai)", upstream="djghosh13/geneval evaluation/evaluate_images.py; yifan123/reward-server gen_eval.py", tiny="tiny_geneval"))

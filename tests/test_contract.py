@@ -10,6 +10,7 @@ import torch
 import rewardkit as rk
 import rewardkit.testing as rkt
 from rewardkit.registry import get_entry, names
+from rewardkit.rewards.geneval_rules import GENEVAL_CLASSES
 
 REWARDS = names("reward")
 PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a cat", "mountains at dawn", "an astronaut"]
@@ -17,6 +18,17 @@ PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of fruit", "a cat"
 # over the batch (scale-free, so one bound serves rewards in [0, 1] and in [0, 100]). Measured:
 # 0.3%-2% of the spread; real-size numbers are in the README's speed table.
 BF16_SPREAD_FRACTION = 0.10
+# Per-entry expectations that registry metadata does not carry: rewards whose tiny model gives every smooth random
+# contract image the same score, and why. Their spread is tested on inputs that have it, in their own test files.
+SAME_SCORE_ON_RANDOM_IMAGES = {
+    "ocr": "the real PP-OCRv4 models find no text in smooth noise, so every row scores 1 - len(target) / len(target) "
+           "= 0 (tests/test_ocr.py scores rendered text)",
+}
+# For rewards with requires_metadata (GenEval): one record asking for exactly one object of every COCO class
+# (flow_grpo dataset/geneval/*.jsonl fields). Its partial score, the mean of 1 - |1 - found| over the classes,
+# follows whatever the tiny detector finds in each image, so different images score differently.
+GENEVAL_RECORD = {"tag": "two_object", "include": [{"class": name, "count": 1} for name in GENEVAL_CLASSES],
+                  "exclude": [], "prompt": "one of every COCO object"}
 
 
 IMAGE_SIZE = (48, 40)
@@ -54,17 +66,26 @@ def _one_thread_for_generative_judges(request):
 
 
 def _prompts(name: str):
-    return PROMPTS if get_entry(name).requires_prompt else None
+    """The contract prompts; a reward that reads a particular prompt form (``example_prompt``, e.g. ocr's quoted
+    target) gets that prompt on every row."""
+    entry = get_entry(name)
+    if not entry.requires_prompt:
+        return None
+    return [entry.example_prompt] * len(PROMPTS) if entry.example_prompt else PROMPTS
 
 
 def _context(name: str, rows=None) -> dict:
     """``reference=`` images for paired metrics (SSIM, PSNR, LPIPS), ``source=`` images for edit rewards,
-    else nothing; ``rows`` selects rows."""
+    ``metadata=`` records for rewards that need them (GenEval), else nothing; ``rows`` selects rows."""
     entry, context = get_entry(name), {}
     for key, needed, seed in (("reference", entry.requires_reference, 7), ("source", entry.requires_source, 11)):
         if needed:
             extra = rkt.random_images(6, *_SIZES.get(name, IMAGE_SIZE), seed=seed)
             context[key] = extra if rows is None else extra[rows]
+    if entry.requires_metadata:
+        records = [dict(GENEVAL_RECORD) for _ in range(6)]
+        picked = range(6)[rows] if isinstance(rows, slice) else rows.tolist() if rows is not None else range(6)
+        context["metadata"] = [records[i] for i in picked]
     return context
 
 
@@ -104,6 +125,9 @@ def test_output_is_float32_batch_on_input_device(name: str, tiny_reward, images)
             assert failure is None or (isinstance(failure, str) and failure)
         return
     assert torch.isfinite(scores).all()
+    if name in SAME_SCORE_ON_RANDOM_IMAGES:
+        assert (scores == scores[0]).all(), SAME_SCORE_ON_RANDOM_IMAGES[name]
+        return
     assert scores.std() > 0, "random tiny weights must give different scores to different images"
 
 

@@ -149,3 +149,25 @@ def test_user_factories_are_checked_by_their_signature(tmp_path, monkeypatch) ->
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TypeError, match=r"unknown option 'valeu' \(did you mean 'value'\?\); valid options: value"):
         rk.load("my_rewards_for_rk_options:make_constant_reward", valeu=3.0)
+
+
+def test_per_row_inputs_are_registry_metadata(capsys) -> None:
+    """geneval declares metadata= (not ``generative``: it parses no text) and `rewardkit list` shows it under
+    NEEDS; ocr declares the prompt form it reads, and that example is one its tiny model can score (not NaN)."""
+    from rewardkit.cli import main
+
+    geneval, ocr = get_entry("geneval"), get_entry("ocr")
+    assert geneval.requires_metadata and not geneval.generative and not geneval.requires_prompt
+    assert not ocr.requires_metadata and not ocr.generative and ocr.example_prompt.count('"') == 2
+    assert all(e.requires_prompt for e in map(get_entry, names()) if e.example_prompt)  # the example is a prompt
+    assert main(["list"]) == 0
+    rows = {line.split()[0]: line.split()[4] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["geneval"] == "metadata=" and rows["ssim"] == "reference=" and rows["pickscore"] == "-"
+
+
+def test_example_prompt_is_scored(tiny_reward) -> None:
+    import rewardkit.testing as rkt
+
+    out = tiny_reward("ocr").evaluate(rkt.random_images(2, 64, 64), get_entry("ocr").example_prompt)
+    assert out.details["failure"] == [None, None] and bool(out.scores.isfinite().all())
+    assert out.details["target"] == ["OPEN DAILY"] * 2
