@@ -13,10 +13,12 @@ import json
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from rewardkit import __version__
+from rewardkit.cli_checks import check_device, check_output, one_line, report_pass, weights_hint
 from rewardkit.registry import get_entry, list_rewards
 from rewardkit.registry import names as registry_names
 
@@ -24,8 +26,9 @@ __all__ = ["main", "run_score", "score_images", "make_demo_images"]
 
 DEMO_REWARDS = ("clip-score", "pickscore", "hpsv2", "aesthetic", "bioclip")
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
-# Library errors become `rewardkit: error: ...` and exit code 2 (ImageLoadError is a ValueError).
-_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError)
+# Library errors become one line `rewardkit: error: ...` and exit code 2, never a traceback (ImageLoadError is a
+# ValueError; OSError covers unreadable inputs and unwritable outputs; ImportError a missing optional package).
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
 _DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 70, 220), "yellow": (250, 220, 50),
                  "purple": (120, 40, 160), "white": (250, 250, 250), "black": (15, 15, 15), "orange": (250, 140, 40)}
 _DEMO_SIZES = ((128, 128), (160, 96), (64, 64), (96, 144), (160, 160), (112, 80), (80, 112), (144, 120))  # (W, H)
@@ -69,6 +72,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_commands(commands)
     add_geneval(commands)
+    from rewardkit.cli_verify import add_commands as add_verify
+
+    add_verify(commands)
+    from rewardkit.cli_serve import add_commands as add_serve
+
+    add_serve(commands)
     return parser
 
 
@@ -184,7 +193,8 @@ def _batch_tensor(batch: list[Any], paths: Sequence[Path], device: str | None) -
 
     sizes = sorted({image.size for image in batch})
     if len(sizes) > 1:
-        raise ValueError(f"--preprocess tensor needs one image size per batch, got sizes (W, H) {sizes} in the batch "
+        shown = ", ".join(f"{w}×{h}" for w, h in sizes)
+        raise ValueError(f"--preprocess tensor needs one image size per batch, got sizes (W×H) {shown} in the batch "
                          f"starting at {paths[0]}; use --preprocess exact (the default) for images of mixed sizes")
     tensor = to_tensor(batch)
     return tensor if device is None else tensor.to(device)
@@ -201,9 +211,10 @@ def score_images(rewards: dict[str, Any], paths: Sequence[Path], prompts: list[s
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     scores: dict[str, list[float]] = {name: [] for name in rewards}
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(paths), batch_size), desc="scoring", unit="batch",
-                          disable=not sys.stderr.isatty()):
+    began = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(paths), desc="scoring", unit="img",
+                                      disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, len(paths), batch_size):
             batch_paths = paths[start : start + batch_size]
             batch, tensor = load_images(batch_paths), None
             batch_prompts = None if prompts is None else prompts[start : start + batch_size]
@@ -216,6 +227,8 @@ def score_images(rewards: dict[str, Any], paths: Sequence[Path], prompts: list[s
                     evaluate = getattr(reward, "evaluate", None)  # the protocol only promises __call__
                     values = evaluate(tensor, texts).scores if evaluate else reward(tensor, texts)
                 scores[name] += values.float().cpu().tolist()
+            bar.update(len(batch_paths))
+    report_pass("scored", len(paths), time.perf_counter() - began)
     return scores
 
 
@@ -229,8 +242,9 @@ def _load_rewards(names: Sequence[str], weights: dict[str, str], device: str | N
         for name in names:
             # --dtype fp32 is the CLI's default, not a request: a served judge runs in the server's dtype.
             local_dtype = None if name in served and dtype in (None, "fp32") else dtype
-            loaded[name] = load(name, weights=weights.get(name), device=device, dtype=local_dtype,
-                                **served.get(name, {}))
+            with weights_hint(name):
+                loaded[name] = load(name, weights=weights.get(name), device=device, dtype=local_dtype,
+                                    **served.get(name, {}))
         return loaded
     from transformers.utils import logging as hf_logging
 
@@ -261,6 +275,8 @@ def run_score(names: Sequence[str], image_specs: Sequence[str], *, prompt: str |
     for out in outs:
         if out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"--out {out}: unknown format {out.suffix!r}; name the file *.jsonl or *.csv")
+        check_output(out)
+    check_device(device)
     weight_specs = parse_weights(weights, names)
     if tiny_root is not None and weight_specs:
         raise ValueError("--tiny builds random models; drop --weights (or drop --tiny to load real weights)")
@@ -356,13 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     from rewardkit.cli_geneval import COMMANDS as GENEVAL_COMMANDS
     from rewardkit.cli_metrics import COMMANDS
+    from rewardkit.cli_verify import COMMANDS as VERIFY_COMMANDS
 
-    command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo, **COMMANDS, **GENEVAL_COMMANDS}[args.command]
+    from rewardkit.cli_serve import COMMANDS as SERVE_COMMANDS
+
+    command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo, **COMMANDS, **GENEVAL_COMMANDS,
+               **VERIFY_COMMANDS, **SERVE_COMMANDS}[args.command]
     try:
         command(args)
     except _USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"rewardkit: error: {message}", file=sys.stderr)
+        print(f"rewardkit: error: {one_line(str(message)) or type(exc).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,224 @@
+"""``rewardkit verify``: score reference images with rewardkit and with the upstream code, on real weights.
+
+For users with network access: each check resolves the reward's real default weights (or the ones given),
+scores deterministic reference images (generated here from a seed: no image bytes ship in the package)
+with rewardkit and with the upstream implementation where it is installed, and reports the largest
+absolute difference against a stated tolerance. Anything that cannot be checked (offline and not cached,
+upstream package missing) is reported as not checked, with the exact reason; nothing is skipped silently.
+
+Checks (upstream side in brackets):
+
+* ``fid``: FID-Inception pool3 features, ``legacy-pytorch`` preset [pytorch-fid ``InceptionV3`` on the
+  same state dict], or for a TorchScript file (NVIDIA's ``inception-2015-12-05.pt``) [the TorchScript
+  module's own forward];
+* ``aesthetic``: LAION aesthetic scores [transformers ``CLIPModel.get_image_features`` ->
+  numpy L2 normalisation -> the improved-aesthetic-predictor ``MLP`` (``simple_inference.py``, reproduced)];
+* ``lpips``: LPIPS distances [``lpips.LPIPS(pretrained=True)`` with rewardkit's resolved trunk tensors].
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Check", "CHECKS", "reference_images", "run_verify", "format_table", "write_table"]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_SEED = 20240517  # fixed: the reference images are the same on every machine
+REFERENCE_COUNT, REFERENCE_HEIGHT, REFERENCE_WIDTH = 4, 96, 80  # small, non-square (resize paths run)
+FID_FEATURE_TOL = 1e-4  # pool3 features (about 0-5): float32 convolutions, different but equal-order kernels
+AESTHETIC_TOL = 1e-4  # aesthetic scores (about 1-10)
+LPIPS_TOL = 1e-5  # LPIPS distances (about 0-1)
+_UINT8_LEVELS = 255.0
+
+
+@dataclass
+class Check:
+    """One row of the verification table.
+
+    Attributes:
+        reward: the registry name checked.
+        upstream: the reference implementation and its version ("" when not checked).
+        max_abs_diff: max |rewardkit - upstream| over the reference images (None when not checked).
+        tolerance: the largest accepted difference.
+        passed: True / False, or None when the check could not run.
+        note: what was compared, or exactly why it could not be checked.
+    """
+
+    reward: str
+    upstream: str
+    max_abs_diff: float | None
+    tolerance: float
+    passed: bool | None
+    note: str
+
+
+def reference_images(count: int = REFERENCE_COUNT, height: int = REFERENCE_HEIGHT,
+                     width: int = REFERENCE_WIDTH) -> torch.Tensor:
+    """Deterministic, uint8-valued smooth colour images: float32 ``(count, 3, height, width)`` in ``[0, 1]``."""
+    generator = torch.Generator().manual_seed(REFERENCE_SEED)
+    coarse = torch.rand(count, 3, 5, 4, generator=generator, dtype=torch.float64)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return (smooth.clamp(0, 1) * _UINT8_LEVELS).round().div(_UINT8_LEVELS).to(torch.float32)
+
+
+def _version(package: str) -> str:
+    return f"{package} {importlib.metadata.version(package)}"
+
+
+def _max_abs(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours.double().flatten() - theirs.double().flatten()).abs().max())
+
+
+def _check_fid(options: dict[str, Any]) -> Check:
+    from rewardkit.metrics.inception import PYTORCH_FID_WEIGHTS_URL, _weight_file, is_torchscript, load_inception
+    from rewardkit.weights import read_state_dict, resolve_weights
+
+    path = _weight_file(resolve_weights(options.get("weights") or PYTORCH_FID_WEIGHTS_URL, what="fid"))
+    extractor = load_inception(path, preset="legacy-pytorch")
+    images = reference_images()
+    with torch.inference_mode():
+        ours = extractor(extractor.prep.tensor(images * _UINT8_LEVELS))
+        if is_torchscript(path):  # NVIDIA's module takes the network input as rewardkit prepares it
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+            theirs = module(extractor.prep.tensor(images * _UINT8_LEVELS))
+            upstream = f"NVIDIA TorchScript forward (torch {torch.__version__})"
+        else:
+            import pytorch_fid.inception as pfi
+
+            original = pfi.load_state_dict_from_url
+            pfi.load_state_dict_from_url = lambda url, **_: read_state_dict(path)  # the same resolved file
+            try:
+                net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+            finally:
+                pfi.load_state_dict_from_url = original
+            theirs = net(images)[0].flatten(1)
+            upstream = _version("pytorch-fid")
+    diff = _max_abs(ours, theirs)
+    return Check("fid", upstream, diff, FID_FEATURE_TOL, diff <= FID_FEATURE_TOL,
+                 f"pool3 features of {len(images)} images ({path.name})")
+
+
+class _UpstreamAestheticMLP(torch.nn.Module):
+    """improved-aesthetic-predictor ``simple_inference.py`` ``MLP`` layer stack (a LightningModule upstream)."""
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _check_aesthetic(options: dict[str, Any]) -> Check:
+    import numpy as np
+    from transformers import CLIPModel
+
+    import rewardkit as rk
+    from rewardkit.preprocess import preprocess
+    from rewardkit.rewards.aesthetic import DEFAULT_CLIP, DEFAULT_HEAD
+    from rewardkit.rewards.clip_common import HF_FOLDER_PATTERNS
+    from rewardkit.weights import resolve_weights
+
+    head = resolve_weights(options.get("weights") or DEFAULT_HEAD, what="aesthetic")
+    clip = resolve_weights(options.get("clip_weights") or DEFAULT_CLIP, allow_patterns=HF_FOLDER_PATTERNS,
+                           what="aesthetic CLIP")
+    reward = rk.load("aesthetic", weights=str(head), clip_weights=str(clip))
+    state = torch.load(head, map_location="cpu", weights_only=True)
+    mlp = _UpstreamAestheticMLP(state["layers.0.weight"].shape[1])
+    mlp.load_state_dict(state, strict=True)
+    images = reference_images()
+    with torch.inference_mode():
+        ours = reward(images)
+        model = CLIPModel.from_pretrained(str(clip)).eval()  # the full CLIP class upstream's clip.load mirrors
+        embeds = model.get_image_features(pixel_values=preprocess(images, reward.spec))
+        embeds = getattr(embeds, "pooler_output", embeds).numpy()  # transformers 5 may wrap the tensor
+        norms = np.linalg.norm(embeds, 2, -1, keepdims=True)
+        theirs = mlp.eval()(torch.from_numpy(embeds / np.where(norms == 0, 1, norms)).float()).squeeze(-1)
+    diff = _max_abs(ours, theirs)
+    return Check("aesthetic", f"{_version('transformers')} + improved-aesthetic-predictor MLP", diff, AESTHETIC_TOL,
+                 diff <= AESTHETIC_TOL, f"scores of {len(images)} images (head {head.name}, CLIP {clip.name})")
+
+
+def _check_lpips(options: dict[str, Any]) -> Check:
+    import lpips
+
+    from rewardkit.metrics.lpips import load_lpips
+
+    net = options.get("net", "alex")
+    ours_metric = load_lpips(weights=options.get("weights"), net=net)
+    reference = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+    # The same trunk tensors (lpips would otherwise fetch torchvision's file itself); its heads stay lpips' own.
+    mapped = {k: v for k, v in ours_metric.network.state_dict().items() if k.startswith("net.")}
+    reference.load_state_dict({**reference.state_dict(), **mapped}, strict=True)
+    images = reference_images()
+    other = reference_images().flip(-1)
+    with torch.inference_mode():
+        ours = ours_metric(images, reference=other)
+        theirs = reference(images * 2 - 1, other * 2 - 1).flatten()
+    diff = _max_abs(ours, theirs)
+    return Check("lpips", _version("lpips"), diff, LPIPS_TOL, diff <= LPIPS_TOL,
+                 f"{net} distances of {len(images)} pairs (lpips' own heads, rewardkit's trunk tensors)")
+
+
+CHECKS: dict[str, Callable[[dict[str, Any]], Check]] = {
+    "fid": _check_fid, "aesthetic": _check_aesthetic, "lpips": _check_lpips,
+}
+_NOT_CHECKABLE = (OSError, ImportError, RuntimeError)  # offline / not cached, upstream missing, hub errors
+
+
+def run_verify(names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None) -> list[Check]:
+    """Run the checks of ``names`` (default: all of :data:`CHECKS`).
+
+    Args:
+        names: registry names with a check; an unknown name raises before any work.
+        options: per-name load options, e.g. ``{"fid": {"weights": "/path/inception-2015-12-05.pt"}}``
+            (``weights`` may be a local path, an ``hf:``/``ms:`` spec or an ``http(s)://`` URL).
+
+    Returns:
+        One :class:`Check` per name; a check that could not run has ``passed=None`` and the reason in ``note``.
+    """
+    names = list(names or CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise ValueError(f"rewardkit verify: no check for {unknown}; available: {sorted(CHECKS)}")
+    options = options or {}
+    checks = []
+    for name in names:
+        try:
+            checks.append(CHECKS[name](dict(options.get(name, {}))))
+        except _NOT_CHECKABLE as exc:
+            logger.info("verify %s: not checked (%s)", name, exc)
+            checks.append(Check(name, "", None, 0.0, None, f"not checked: {type(exc).__name__}: {exc}"))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    """A markdown table: reward, upstream and version, max |Δ|, tolerance, pass, note."""
+    lines = ["| reward | upstream | max abs diff | tolerance | pass | note |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        diff = "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3e}"
+        verdict = {True: "yes", False: "NO", None: "not checked"}[c.passed]
+        lines.append(f"| {c.reward} | {c.upstream or '-'} | {diff} | {c.tolerance:.0e} | {verdict} | {c.note} |")
+    return "\n".join(lines)
+
+
+def write_table(checks: list[Check], path: str | Path) -> Path:
+    """Write ``.json`` (a list of rows) or markdown (any other suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        path.write_text(format_table(checks) + "\n")
+    return path
