@@ -16,7 +16,11 @@ extractor's exact or batched preprocessing (``rewardkit.metrics.extractor``):
 
 Features are extracted under ``torch.inference_mode`` in float32 (``dtype="bf16"`` = autocast, opt-in:
 it moves Inception features by ~0.8 % of their range, not a parity mode), and handed to
-``update_features``, which subclasses implement. Progress bars appear on terminals only.
+staged by ``update``: an update is all or nothing. A folder with a corrupt file raises
+``ImageLoadError`` naming the file and leaves the metric as it was, so a retry does not count the
+images twice. Staging holds features (float64 sums for Gaussian metrics, feature rows for the others),
+never pixels. Subclasses implement the staging hooks ``_check_update``, ``_new_stage``, ``_stage`` and
+``_commit``. Progress bars appear on terminals only.
 """
 
 from __future__ import annotations
@@ -47,12 +51,23 @@ class _PilDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from rewardkit.image_io import as_rgb, load_image
+    def __getitem__(self, index: int) -> torch.Tensor | str:
+        from rewardkit.image_io import ImageLoadError, as_rgb, load_image
 
         item = self.items[index]
-        image = load_image(item) if isinstance(item, (str, os.PathLike)) else as_rgb(item)
+        try:
+            image = load_image(item) if isinstance(item, (str, os.PathLike)) else as_rgb(item)
+        except ImageLoadError as error:
+            # Returned, not raised: a DataLoader worker would wrap the exception in a multi-line
+            # "Caught ... in DataLoader worker process" message; the main process re-raises it as is.
+            return str(error)
         return self.prep.pil(image)
+
+
+def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
+    """Stack prepared images ``(b, 3, h, w)``, or pass the first load error (a message) on."""
+    failed = next((item for item in items if isinstance(item, str)), None)
+    return failed if failed is not None else torch.stack(items)  # type: ignore[arg-type]
 
 
 def _to_255(name: str, images: torch.Tensor, quantize: bool) -> torch.Tensor:
@@ -101,10 +116,15 @@ def iter_prepared_batches(source: ImageSource, prep: ImagePrep, *, name: str, ba
 
     items = _file_items(source, recursive)
     if items is not None:
+        from rewardkit.image_io import ImageLoadError
+
         loader = torch.utils.data.DataLoader(_PilDataset(items, prep), batch_size=batch_size, shuffle=False,
-                                             num_workers=num_workers)
+                                             num_workers=num_workers, collate_fn=_collate)
         bar = tqdm(total=len(items), desc=description or name, unit="img", disable=_quiet(progress))
         for batch in loader:
+            if isinstance(batch, str):
+                bar.close()
+                raise ImageLoadError(f"{name}: {batch}")
             bar.update(batch.shape[0])
             yield batch.to(device)
         bar.close()
@@ -133,9 +153,10 @@ def _quiet(progress: bool | None) -> bool | None:
 class FeatureMetric(nn.Module):
     """Base class of the distribution metrics: an extractor plus a state fed with features.
 
-    Subclasses implement ``update_features(features, real)``, ``compute()``, ``reset()``, ``merge()`` and
-    ``sync()``. The extractor is a submodule, so ``.to(device)`` moves it; state stays on the CPU in
-    float64 (it is small for Gaussian statistics and exact).
+    Subclasses implement the staging hooks (``_check_update``, ``_new_stage``, ``_stage``, ``_commit``),
+    ``compute()``, ``reset()``, ``merge()``, ``sync()`` and ``get_extra_state`` / ``set_extra_state`` (so
+    that ``state_dict()`` carries the statistics and a checkpointed metric resumes). The extractor is a
+    submodule, so ``.to(device)`` moves it; state stays on the CPU (float64 sums, float32 rows).
 
     Args:
         extractor: the frozen feature network with its preprocessing.
@@ -189,12 +210,39 @@ class FeatureMetric(nn.Module):
             yield features
 
     def update(self, images: ImageSource, real: bool) -> None:
-        """Add ``images`` to the real (reference) or generated side (any accepted source)."""
-        side = "real" if real else "generated"
-        for features in self.iter_features(images, description=f"{self.name} {side}"):
-            self.update_features(features, real=real)
+        """Add ``images`` to the real (reference) or generated side (any accepted source), all or nothing.
 
-    def update_features(self, features: torch.Tensor, real: bool) -> None:  # pragma: no cover - interface
+        The features of every image are staged first and committed after the last one, so an error on
+        any image (e.g. a corrupt file: ``ImageLoadError`` naming it) leaves the state unchanged.
+        """
+        self._check_update(real)
+        side = "real" if real else "generated"
+        staged = self._new_stage()
+        for features in self.iter_features(images, description=f"{self.name} {side}"):
+            self._stage(staged, features, real)
+        self._commit(staged, real)
+
+    def update_features(self, features: torch.Tensor, real: bool) -> None:
+        """Add precomputed feature rows ``(B, D)`` (all or nothing, like ``update``)."""
+        self._check_update(real)
+        staged = self._new_stage()
+        self._stage(staged, features, real)
+        self._commit(staged, real)
+
+    # -- staging hooks (subclasses) -------------------------------------------------------------------
+    def _check_update(self, real: bool) -> None:
+        """Raise before any work if this side cannot take images now (synced, fixed reference, ...)."""
+
+    def _new_stage(self) -> Any:  # pragma: no cover - interface
+        """An empty scratch state that ``_stage`` fills and ``_commit`` adds to the metric."""
+        raise NotImplementedError
+
+    def _stage(self, staged: Any, features: torch.Tensor, real: bool) -> None:  # pragma: no cover - interface
+        """Validate ``features`` ``(b, D)`` and add them to ``staged`` (never to the metric's state)."""
+        raise NotImplementedError
+
+    def _commit(self, staged: Any, real: bool) -> None:  # pragma: no cover - interface
+        """Add ``staged`` to the metric's state; must not fail (everything was validated while staging)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

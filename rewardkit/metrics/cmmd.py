@@ -43,6 +43,10 @@ class CMMD(StoredFeatureMetric, FeatureMetric):
         if real:
             self._k_real = None
 
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self._k_real = None  # the cache belonged to the rows before loading
+
 
 def load_cmmd(weights: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> CMMD:
     """CMMD on ``openai/clip-vit-large-patch14-336`` (or ``weights=``: an HF CLIP folder / spec)."""

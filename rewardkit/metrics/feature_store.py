@@ -3,7 +3,9 @@
 KID's cubic kernel and CMMD's RBF kernel need every feature row (the explicit feature map of a cubic
 kernel on 2048-d features has ~1.4e9 dimensions), and the Inception Score needs every logit row for its
 splits. Rows are kept on the CPU in float32, in arrival order; ``sync`` gathers them from every process
-(uneven counts allowed) in rank order, so all ranks end with the same rows.
+(uneven counts allowed) in rank order, so all ranks end with the same rows. ``update`` stages the rows
+of a whole call and commits them at the end (all or nothing), and ``state_dict()`` carries every row
+(both sides and a fixed reference), so a checkpointed metric resumes.
 """
 
 from __future__ import annotations
@@ -61,10 +63,18 @@ class FeatureStore:
             raise ValueError(f"expected features (B, D), got {tuple(features.shape)}")
         if not torch.isfinite(features).all():
             raise ValueError("features contain NaN/inf values; check the network's output (and dtype: fp16 can overflow)")
+        self.check_dim(features.shape[1], real)
+        self._rows[real].append(features.detach().float().cpu())
+
+    def dim(self, real: bool) -> int | None:
+        """The feature dimension of one side (None while it holds no rows)."""
         kept = self._rows[real]
-        if kept and kept[0].shape[1] != features.shape[1]:
-            raise ValueError(f"feature dimension changed from {kept[0].shape[1]} to {features.shape[1]}")
-        kept.append(features.detach().float().cpu())
+        return kept[0].shape[1] if kept else None
+
+    def check_dim(self, dim: int, real: bool) -> None:
+        """Raise ``ValueError`` if rows of dimension ``dim`` cannot join this side."""
+        if self.dim(real) not in (None, dim):
+            raise ValueError(f"feature dimension changed from {self.dim(real)} to {dim}")
 
     def rows(self, real: bool) -> torch.Tensor:
         """All rows of one side ``(N, D)`` (``(0, 0)`` when empty)."""
@@ -80,6 +90,10 @@ class FeatureStore:
             self._rows[True] = []
 
     def merge(self, other: FeatureStore) -> None:
+        """Append ``other``'s rows to each side (dimensions checked before anything changes)."""
+        for side in (True, False):
+            if other.dim(side) is not None:
+                self.check_dim(other.dim(side), side)
         for side in (True, False):
             self._rows[side].extend(other._rows[side])
 
@@ -110,7 +124,8 @@ def _max_over_ranks(value: torch.Tensor, accelerator_or_group: Any) -> float:
 class StoredFeatureMetric:
     """Mixin for ``FeatureMetric`` subclasses whose state is a ``FeatureStore`` (KID, IS, CMMD).
 
-    Provides ``update_features``, ``reset``, ``merge``, ``sync`` and a fixed-reference option (stored
+    Provides the staging hooks of ``FeatureMetric.update``, ``reset``, ``merge``, ``sync``, the state of
+    ``state_dict()`` (``get_extra_state``) and a fixed-reference option (stored
     reference features from a statistics file, e.g. ``rewardkit fid-stats --features``).
     """
 
@@ -125,13 +140,50 @@ class StoredFeatureMetric:
         self._synced = False
         self._reference_rows = None
 
-    def update_features(self, features: torch.Tensor, real: bool) -> None:
+    def _check_update(self, real: bool) -> None:
         if self._synced:
             raise RuntimeError(f"{self.name}: this metric was already synced across processes; call reset() "
                                "before adding more images (updating after sync would count shards twice)")
         if real and self._reference_rows is not None:
             raise ValueError(f"{self.name}: the real side is fixed by reference features; pass real=False")
-        self.store.add(features, real)
+
+    def _rows_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The rows stored for extracted ``features`` (the features themselves; IS turns them into logits)."""
+        return features
+
+    def _new_stage(self) -> FeatureStore:
+        # Feature rows, never pixels: 8 KiB per image for 2048-d Inception features.
+        return FeatureStore()
+
+    def _stage(self, staged: FeatureStore, features: torch.Tensor, real: bool) -> None:
+        rows = self._rows_of(features)
+        self.store.check_dim(rows.shape[-1], real)
+        staged.add(rows, real)
+
+    def _commit(self, staged: FeatureStore, real: bool) -> None:
+        self.store.merge(staged)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The rows for ``state_dict()``: both sides ``(N, D)`` float32 (``(0, 0)`` when empty), the fixed
+        reference rows (or None), the sync flag and the extractor identity they belong to."""
+        return {"identity": self.extractor.identity(), "real": self.store.rows(True), "fake": self.store.rows(False),
+                "reference_rows": self._reference_rows, "synced": self._synced}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_extra_state` (via ``load_state_dict``); refuses another extractor's rows."""
+        from rewardkit.metrics.frechet import check_identity
+
+        check_identity(dict(state["identity"]), self.extractor.identity(), what=f"{self.name} state")
+        store = FeatureStore()
+        for side, key in ((True, "real"), (False, "fake")):
+            rows = torch.as_tensor(state[key])
+            if rows.shape[0]:
+                store.add(rows, side)
+        if state["reference_rows"] is None:
+            self._reference_rows = None
+        else:
+            self.set_reference_rows(torch.as_tensor(state["reference_rows"]))  # validates, then sets
+        self.store, self._synced = store, bool(state["synced"])
 
     @property
     def has_fixed_reference(self) -> bool:
@@ -163,6 +215,10 @@ class StoredFeatureMetric:
 
     def merge(self, other: StoredFeatureMetric) -> StoredFeatureMetric:
         """Append another shard's rows (this metric's rows first); returns ``self``."""
+        if other.extractor.identity() != self.extractor.identity():
+            raise ValueError(f"{self.name}: cannot merge metrics with different extractors or presets")
+        if self._synced:
+            raise RuntimeError(f"{self.name}: this metric was already synced; merge shards before sync(), or reset()")
         self.store.merge(other.store)
         return self
 

@@ -34,7 +34,8 @@ import torch
 
 from rewardkit.metrics.base import FeatureMetric
 from rewardkit.metrics.extractor import FeatureExtractor
-from rewardkit.metrics.frechet import GaussianReference, GaussianStats, load_statistics, save_statistics, sync_sum
+from rewardkit.metrics.frechet import (GaussianReference, GaussianStats, check_identity, load_statistics,
+                                      save_statistics, sync_sum)
 
 __all__ = ["FrechetDistance", "load_fid", "MIN_IMAGES"]
 
@@ -106,14 +107,43 @@ class FrechetDistance(FeatureMetric):
         save_statistics(path, self.reference_statistics())
 
     # -- state ----------------------------------------------------------------------------------------
-    def update_features(self, features: torch.Tensor, real: bool) -> None:
+    def _check_update(self, real: bool) -> None:
         if self._synced:
             raise RuntimeError(f"{self.name}: this metric was already synced across processes; call reset() "
                                "before adding more images (updating after sync would count shards twice)")
         if real and self._reference is not None:
             raise ValueError(f"{self.name}: the real side is fixed by reference statistics; pass real=False, or "
                              "build the metric without reference= to accumulate real images")
-        (self.real if real else self.fake).update(features)
+
+    def _new_stage(self) -> GaussianStats:
+        # Staged as float64 sums (2 + D + D² numbers), whatever the number of images.
+        return GaussianStats(self.extractor.feature_dim)
+
+    def _stage(self, staged: GaussianStats, features: torch.Tensor, real: bool) -> None:
+        staged.update(features)
+
+    def _commit(self, staged: GaussianStats, real: bool) -> None:
+        (self.real if real else self.fake).merge(staged)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The statistics for ``state_dict()``: both sides' sums, the fixed reference (with its cached
+        ``√Σ``), the sync flag and the extractor identity they belong to (plain tensors, ints, strings)."""
+        return {"identity": self.extractor.identity(), "real": self.real.state_dict(), "fake": self.fake.state_dict(),
+                "reference": None if self._reference is None else self._reference.state_dict(),
+                "synced": self._synced}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_extra_state` (via ``load_state_dict``); refuses another extractor's statistics."""
+        check_identity(dict(state["identity"]), self.extractor.identity(), what=f"{self.name} state")
+        reference = None if state["reference"] is None else GaussianReference.from_state_dict(state["reference"])
+        if reference is not None and reference.mu.shape[0] != self.extractor.feature_dim:
+            raise ValueError(f"{self.name} state: reference dimension {reference.mu.shape[0]}, this extractor gives "
+                             f"{self.extractor.feature_dim}")
+        for stats, side in ((self.real, "real"), (self.fake, "fake")):
+            GaussianStats(stats.dim).load_state_dict(state[side])  # validate both sides before changing either
+        self.real.load_state_dict(state["real"])
+        self.fake.load_state_dict(state["fake"])
+        self._reference, self._real_cache, self._synced = reference, None, bool(state["synced"])
 
     def statistics(self, real: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(μ (D,), Σ (D, D))`` float64 of one side."""
@@ -145,6 +175,8 @@ class FrechetDistance(FeatureMetric):
         """Add another metric's (a shard's) sums into this one; returns ``self``."""
         if other.extractor.identity() != self.extractor.identity():
             raise ValueError(f"{self.name}: cannot merge metrics with different extractors or presets")
+        if self._synced:
+            raise RuntimeError(f"{self.name}: this metric was already synced; merge shards before sync(), or reset()")
         self.real.merge(other.real)
         self.fake.merge(other.fake)
         return self

@@ -33,7 +33,7 @@ import torch
 
 __all__ = [
     "GaussianStats", "GaussianReference", "psd_sqrt", "trace_sqrt_product", "frechet_distance",
-    "save_statistics", "load_statistics", "StatisticsMismatchError", "sync_sum",
+    "save_statistics", "load_statistics", "StatisticsMismatchError", "sync_sum", "check_identity",
 ]
 
 _META_KEY = "rewardkit_meta"
@@ -129,12 +129,18 @@ class GaussianStats:
         return (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"n": int, "sum": (D,), "outer": (D, D)}`` float64 copies (``torch.save`` with ``weights_only``)."""
         return {"n": self.n, "sum": self.sum.clone(), "outer": self.outer.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the sums by ``state`` (from :meth:`state_dict`); shapes are checked before anything changes."""
+        total, outer = torch.as_tensor(state["sum"]), torch.as_tensor(state["outer"])
+        if total.shape != (self.dim,) or outer.shape != (self.dim, self.dim) or int(state["n"]) < 0:
+            raise ValueError(f"statistics state has n={state['n']}, sum {tuple(total.shape)} and outer "
+                             f"{tuple(outer.shape)}; expected n >= 0, ({self.dim},) and ({self.dim}, {self.dim})")
         self.n = int(state["n"])
-        self.sum.copy_(state["sum"])
-        self.outer.copy_(state["outer"])
+        self.sum.copy_(total)
+        self.outer.copy_(outer)
         self.version += 1
 
 
@@ -215,6 +221,19 @@ class GaussianReference:
     def from_stats(cls, stats: GaussianStats, meta: dict[str, str]) -> GaussianReference:
         return cls(stats.mean(), stats.cov(), stats.n, dict(meta))
 
+    def state_dict(self) -> dict[str, Any]:
+        """``mu``, ``sigma``, ``n``, ``meta`` and the cached ``√Σ`` (or None): plain tensors, ints and strings."""
+        return {"mu": self.mu.clone(), "sigma": self.sigma.clone(), "n": self.n, "meta": dict(self.meta),
+                "sqrt": None if self._sqrt is None else self._sqrt.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> GaussianReference:
+        """The reference :meth:`state_dict` described (the cached ``√Σ`` is kept, not recomputed)."""
+        mu, sigma = torch.as_tensor(state["mu"], dtype=torch.float64), torch.as_tensor(state["sigma"], dtype=torch.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"reference state: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not fit together")
+        return cls(mu, sigma, int(state["n"]), dict(state["meta"]), state.get("sqrt"))
+
     def sqrt_sigma(self) -> torch.Tensor:
         """``√Σ`` ``(D, D)`` float64, computed on first use and then reused."""
         if self._sqrt is None:
@@ -231,14 +250,20 @@ class GaussianReference:
 
         Fields absent on either side (e.g. a foreign file, or weights built in memory) are not compared.
         """
-        wrong = [f"{k}: file has {self.meta[k]!r}, this metric uses {identity[k]!r}" for k in IDENTITY_FIELDS
-                 if self.meta.get(k) and identity.get(k) and self.meta[k] != identity[k]]
-        if wrong:
-            raise StatisticsMismatchError(
-                f"{what} were made with different settings ({'; '.join(wrong)}); distances between them are "
-                "not comparable. Recompute the statistics with this metric (rewardkit fid-stats), or build the "
-                "metric with the settings of the file (e.g. preset=...)"
-            )
+        check_identity(self.meta, identity, what=what)
+
+
+def check_identity(recorded: dict[str, str], identity: dict[str, str], *, what: str = "reference statistics") -> None:
+    """Raise ``StatisticsMismatchError`` if a field of ``IDENTITY_FIELDS`` recorded with statistics (or a
+    metric's saved state) differs from the ``identity`` of the extractor they are used with."""
+    wrong = [f"{k}: file has {recorded[k]!r}, this metric uses {identity[k]!r}" for k in IDENTITY_FIELDS
+             if recorded.get(k) and identity.get(k) and recorded[k] != identity[k]]
+    if wrong:
+        raise StatisticsMismatchError(
+            f"{what} were made with different settings ({'; '.join(wrong)}); distances between them are "
+            "not comparable. Recompute the statistics with this metric (rewardkit fid-stats), or build the "
+            "metric with the settings of the file (e.g. preset=...)"
+        )
 
 
 def save_statistics(path: str | os.PathLike, reference: GaussianReference, features: torch.Tensor | None = None) -> None:

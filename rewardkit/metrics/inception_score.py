@@ -36,13 +36,17 @@ class InceptionScore(StoredFeatureMetric, FeatureMetric):
         self._init_store()
         self.splits, self.convention, self.shuffle, self.seed = splits, convention, shuffle, seed
 
-    def update_features(self, features: torch.Tensor, real: bool) -> None:
-        """``features``: pool3 ``(B, 2048)`` (turned into logits here) or logits ``(B, 1008)``."""
+    def _check_update(self, real: bool) -> None:
         if real:
             raise ValueError(f"{self.name}: the Inception Score uses generated images only; call update(images, real=False)")
+        super()._check_update(real)
+
+    def _rows_of(self, features: torch.Tensor) -> torch.Tensor:
+        """``features``: pool3 ``(B, 2048)`` (turned into logits here) or logits ``(B, 1008)``."""
         if features.shape[-1] == self.extractor.feature_dim:
-            features = self.extractor.logits_unbiased(features.to(self.device)).float().cpu()
-        super().update_features(features, real)
+            with torch.inference_mode():
+                features = self.extractor.logits_unbiased(features.to(self.device)).float().cpu()
+        return features
 
     def compute(self) -> torch.Tensor:
         mean, std = inception_score(self.side(False), splits=self.splits, convention=self.convention,
