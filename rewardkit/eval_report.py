@@ -24,7 +24,8 @@ import torch
 from rewardkit import report as _report
 from rewardkit.errors import check_images
 
-__all__ = ["KEY_COLUMNS", "save_png", "summarize_scores", "histogram_svg", "curve_svg", "summary_text",
+__all__ = ["KEY_COLUMNS", "save_png", "summarize_scores", "histogram_svg", "curve_svg", "before_after_svg",
+           "summary_text",
            "write_results_json", "write_scores_csv", "write_eval_report", "MAX_REPORT_IMAGES"]
 
 KEY_COLUMNS = ("index", "prompt", "seed", "path")  # the non-score columns of every row, in this order
@@ -33,6 +34,7 @@ HISTOGRAM_MAX_BINS = 20
 _UINT8_MAX = 255
 _SVG_WIDTH, _SVG_HEIGHT, _SVG_MARGIN = 320, 140, 24  # px
 _BAR_COLOUR, _LINE_COLOUR = "#4a78b5", "#c0504d"
+_BEFORE_COLOUR, _AFTER_COLOUR = "#9e9e9e", "#4a78b5"
 _CSS = (".plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0}"
         "figcaption{font-size:90%;color:#555}svg text{font:10px sans-serif}")
 
@@ -145,6 +147,51 @@ def curve_svg(history: Sequence[Mapping[str, Any]], key: str, step_key: str = "s
     return head + f'<polyline fill="none" stroke="{_LINE_COLOUR}" stroke-width="2" points="{xy}"/>' + labels + "</svg>"
 
 
+def before_after_svg(name: str, before: float, after: float) -> str:
+    """An inline SVG of two bars, ``before`` and ``after`` (e.g. a mean score before and after training).
+
+    The bars start at the smaller value minus half the gap (so a small change stays visible) and the
+    axis floor is printed; a non-finite value is drawn as "n/a".
+    """
+    head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{_SVG_WIDTH}" height="{_SVG_HEIGHT}" role="img">'
+    title = f'<text x="{_SVG_MARGIN}" y="14">{html.escape(name)}: before -> after</text>'
+    values = [float(before), float(after)]
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return head + title + f'<text x="{_SVG_MARGIN}" y="{_SVG_HEIGHT // 2}">n/a</text></svg>'
+    low, high = min(finite), max(finite)
+    floor = low - max(high - low, abs(high) * 1e-3, 1e-12) / 2  # bars of unequal, non-zero height
+    plot_w, plot_h = _SVG_WIDTH - 2 * _SVG_MARGIN, _SVG_HEIGHT - 2 * _SVG_MARGIN - 12
+    bar_w = plot_w / 4
+    shapes = []
+    for i, (label, value, colour) in enumerate((("before", values[0], _BEFORE_COLOUR),
+                                                 ("after", values[1], _AFTER_COLOUR))):
+        x = _SVG_MARGIN + plot_w * (0.125 + 0.5 * i)
+        if not math.isfinite(value):
+            shapes.append(f'<text x="{x:.1f}" y="{_SVG_HEIGHT // 2}">{label}: n/a</text>')
+            continue
+        height = plot_h * (value - floor) / ((high - floor) or 1.0)
+        top = _SVG_MARGIN + 12 + plot_h - height
+        shapes.append(f'<rect x="{x:.1f}" y="{top:.1f}" width="{bar_w:.1f}" height="{height:.1f}" fill="{colour}">'
+                      f"<title>{value:.6g}</title></rect>"
+                      f'<text x="{x:.1f}" y="{top - 2:.1f}">{value:.4f}</text>'
+                      f'<text x="{x:.1f}" y="{_SVG_HEIGHT - 6}">{label}</text>')
+    axis = f'<text x="{_SVG_WIDTH - _SVG_MARGIN}" y="{_SVG_HEIGHT - 6}" text-anchor="end">floor {floor:.4g}</text>'
+    return head + title + "".join(shapes) + axis + "</svg>"
+
+
+def _before_after_section(before_after: Mapping[str, tuple[float, float]] | None) -> str:
+    if not before_after:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td>{_cell(b)}{_cell(a)}{_cell(float(a) - float(b))}</tr>"
+                   for name, (b, a) in before_after.items())
+    table = (f'<table class="sortable"><thead><tr><th>score</th><th>before</th><th>after</th><th>change</th></tr>'
+             f"</thead><tbody>{rows}</tbody></table>")
+    plots = "".join(f"<figure>{before_after_svg(name, b, a)}</figure>" for name, (b, a) in before_after.items())
+    return (f"<h2>Before vs after training</h2>\n<p>Mean scores on the same prompts and seeds, before the first "
+            f"training step and after the last.</p>\n{table}\n<div class=\"plots\">{plots}</div>\n")
+
+
 def _cell(value: Any) -> str:
     number = _report._as_float(value)
     data = repr(number) if math.isfinite(number) else ""
@@ -185,7 +232,8 @@ def _image_sections(rows: Sequence[Mapping[str, Any]], names: Sequence[str], tit
 
 
 def _html(rows: Sequence[Mapping[str, Any]], names: Sequence[str], set_metrics: Mapping[str, Mapping[str, Any]],
-          history: Sequence[Mapping[str, Any]] | None, title: str, max_images: int) -> str:
+          history: Sequence[Mapping[str, Any]] | None, title: str, max_images: int,
+          before_after: Mapping[str, tuple[float, float]] | None = None) -> str:
     esc = html.escape
     histograms = "".join(f"<figure>{histogram_svg(_finite(rows, n)[0], n)}</figure>" for n in names)
     curve = ""
@@ -195,7 +243,8 @@ def _html(rows: Sequence[Mapping[str, Any]], names: Sequence[str], set_metrics: 
             f"<figure>{curve_svg(history, k)}</figure>" for k in keys) + "</div>\n"
     return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{_report._CSS}{_CSS}</style></head><body>\n<h1>{esc(title)}</h1>\n"
-            f"<p>{len(rows)} images.</p>\n<h2>Set metrics</h2>\n{_set_metric_table(set_metrics)}\n"
+            f"<p>{len(rows)} images.</p>\n{_before_after_section(before_after)}"
+            f"<h2>Set metrics</h2>\n{_set_metric_table(set_metrics)}\n"
             f"<h2>Summary</h2>\n{_summary_table(summarize_scores(rows, names))}\n"
             f'<h2>Histograms</h2>\n<div class="plots">{histograms}</div>\n{curve}'
             + _image_sections(rows, names, title, max_images)
@@ -220,7 +269,8 @@ def write_eval_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], sc
                       set_metrics: Mapping[str, Mapping[str, Any]] | None = None, *,
                       config: Mapping[str, Any] | None = None, history: Sequence[Mapping[str, Any]] | None = None,
                       title: str = "rewardkit evaluation", max_images: int = MAX_REPORT_IMAGES,
-                      extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                      extra: Mapping[str, Any] | None = None,
+                      before_after: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Path]:
     """Write ``results.json``, ``scores.csv`` and ``report.html`` into ``out_dir``.
 
     Args:
@@ -233,6 +283,8 @@ def write_eval_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], sc
         title: page heading.
         max_images: thumbnails embedded in the page.
         extra: more top-level ``results.json`` entries.
+        before_after: optional ``{score: (before, after)}`` means (e.g. before and after training, on the same
+            prompts and seeds), shown first as a table and a pair of bars per score.
 
     Returns:
         ``{"results": path, "scores": path, "report": path}``.
@@ -253,5 +305,6 @@ def write_eval_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], sc
                                            set_metrics=set_metrics, config=config, extra=extra),
              "scores": write_scores_csv(out / "scores.csv", rows, score_names),
              "report": out / "report.html"}
-    paths["report"].write_text(_html(rows, score_names, set_metrics, history, title, max_images), encoding="utf-8")
+    paths["report"].write_text(_html(rows, score_names, set_metrics, history, title, max_images, before_after),
+                               encoding="utf-8")
     return paths
