@@ -2,7 +2,11 @@
 
 Thin: argument parsing and files; the numbers come from ``rewardkit.metrics``. One Inception pass
 serves FID, KID and IS together (they share the extractor); CMMD and FD-DINOv2 run their own networks.
-Results are printed as JSON (and written with ``--out``); progress bars show on terminals.
+Results are printed as JSON (and written with ``--out``); a value that is not finite is written as
+``null`` with a ``reason``, so the output is valid JSON. Everything knowable up front (output paths, the
+device, image counts against ``--kid-subset-size`` / ``--is-splits``, pair sizes against each other and
+MS-SSIM's minimum) is checked before any network runs. Progress bars show on terminals; logs get one
+summary line per pass.
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from rewardkit.cli_checks import check_device, check_output, report_pass, weights_hint
 
 __all__ = ["add_commands", "COMMANDS", "run_fid", "run_compare", "run_fid_stats"]
 
@@ -19,6 +27,10 @@ SET_METRICS = ("fid", "kid", "is", "cmmd", "fd-dinov2")
 INCEPTION_METRICS = ("fid", "kid", "is")
 PAIRED_METRICS = ("ssim", "ms-ssim", "psnr", "lpips")
 _REGISTRY_NAME = {"fid": "fid", "kid": "kid", "is": "inception-score", "cmmd": "cmmd", "fd-dinov2": "fd-dinov2"}
+PAIR_SUFFIXES = (".jsonl", ".csv")
+MIN_SET_IMAGES = 2  # every set metric needs two images a side (rewardkit.metrics.fid.MIN_IMAGES)
+_EXIF_ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees, so width and height swap on load
+_TRANSPOSED = (5, 6, 7, 8)
 
 
 def _metric_list(text: str, allowed: Sequence[str]) -> list[str]:
@@ -104,24 +116,57 @@ def _load(name: str, args: argparse.Namespace, **options: Any) -> Any:
         options["preset"] = args.preset
     if get_entry(registry_name).kind == "distribution":
         options.update(batch_size=args.batch_size, num_workers=args.workers, recursive=args.recursive)
-    return load(registry_name, weights=weights, device=args.device, **options)
+    with weights_hint(name):
+        return load(registry_name, weights=weights, device=args.device, **options)
+
+
+def _count_images(spec: str, recursive: bool, what: str) -> int:
+    """Images in a folder (or 1 for a file), counted from the listing before any network is loaded."""
+    from rewardkit.image_io import list_images
+
+    path = Path(spec)
+    if path.is_file():
+        return 1
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {path}: no such file or folder")
+    count = len(list_images(path, recursive=recursive))
+    if count < MIN_SET_IMAGES:
+        hint = "" if recursive else " (add --recursive to read sub-folders)"
+        raise ValueError(f"{what} {path}: found {count} images, set metrics need at least {MIN_SET_IMAGES}{hint}")
+    return count
+
+
+def _stats_file_counts(path: str) -> tuple[int, int | None]:
+    """``(n, feature rows or None)`` of a statistics file, read without checking its identity (that comes later)."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--stats {path}: no such file; make one with `rewardkit fid-stats DIR --out FILE`")
+    with np.load(path, allow_pickle=False) as data:
+        rows = int(data["features"].shape[0]) if "features" in data.files else None
+        return (int(data["n"]) if "n" in data.files else 0), rows
 
 
 def run_fid_stats(args: argparse.Namespace) -> dict[str, Any]:
     """Compute and write the reference statistics of ``args.folder``; returns a summary."""
     from rewardkit.metrics.frechet import GaussianReference, GaussianStats, save_statistics
 
+    check_output(args.out)
+    check_device(args.device)
+    _count_images(args.folder, args.recursive, "DIR")
     metric = _load(args.metric, args)
-    stats, rows = GaussianStats(metric.extractor.feature_dim), []
+    stats, rows, began = GaussianStats(metric.extractor.feature_dim), [], time.perf_counter()
     for features in metric.iter_features(args.folder, description=f"{args.metric} statistics"):
         stats.update(features)
         if args.features:
             rows.append(features)
+    report_pass(f"{args.metric} statistics: read", stats.n, time.perf_counter() - began)
     if stats.n < 2:
         raise ValueError(f"{args.folder}: need at least 2 images for statistics, found {stats.n}")
     import torch
 
     reference = GaussianReference.from_stats(stats, {**metric.extractor.identity(), "source": str(args.folder)})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_statistics(args.out, reference, torch.cat(rows) if rows else None)
     return {"out": str(args.out), "n": stats.n, **reference.meta}
 
@@ -138,6 +183,7 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
     from rewardkit.metrics.frechet import load_statistics
 
     names = _metric_list(args.metrics, SET_METRICS)
+    _check_fid_inputs(args, names)
     result: dict[str, Any] = {"generated": str(args.generated), "reference": str(args.reference or args.stats)}
     inception = [n for n in names if n in INCEPTION_METRICS]
     metrics: dict[str, Any] = {}
@@ -167,19 +213,57 @@ def run_fid(args: argparse.Namespace) -> dict[str, Any]:
             for member in members:
                 _fix_reference(member, reference, rows, args.stats)
         else:
+            count, began = 0, time.perf_counter()
             for features in lead.iter_features(args.reference, description=f"{lead.name} reference"):
+                count += features.shape[0]
                 for member in members:
                     if member.name != "inception-score":
                         member.update_features(features, real=True)
-        count = 0
+            report_pass(f"{lead.name} reference: read", count, time.perf_counter() - began)
+        count, began = 0, time.perf_counter()
         for features in lead.iter_features(args.generated, description=f"{lead.name} generated"):
             count += features.shape[0]
             for member in members:
                 member.update_features(features, real=False)
+        report_pass(f"{lead.name} generated: read", count, time.perf_counter() - began)
         result["n_generated"] = count
     for name in names:
         result[_REGISTRY_NAME[name]] = _value(metrics[name].compute())
     return result
+
+
+def _check_fid_inputs(args: argparse.Namespace, names: list[str]) -> None:
+    """Everything ``fid`` can check before loading a network: --out, --device, image counts against the
+    KID subset size and the IS splits, and feature rows in a --stats file for KID / CMMD."""
+    from rewardkit.metrics.inception_score_math import IS_SPLITS
+
+    if args.out:
+        check_output(args.out)
+    check_device(args.device)
+    n_gen = _count_images(args.generated, args.recursive, "GEN_DIR")
+    if args.stats:
+        n_ref, rows = _stats_file_counts(args.stats)
+        needs_rows = [n for n in names if n in ("kid", "cmmd")]
+        if needs_rows and rows is None:
+            raise ValueError(f"--stats {args.stats} holds no feature rows; {', '.join(needs_rows)} need them: remake "
+                             "it with `rewardkit fid-stats DIR --out FILE --features` (same --metric / --preset)")
+        n_ref = rows if rows is not None else n_ref
+    else:
+        n_ref = _count_images(args.reference, args.recursive, "REF_DIR")
+    if "kid" in names:
+        size = args.kid_subset_size
+        if size < MIN_SET_IMAGES:
+            raise ValueError(f"--kid-subset-size must be at least {MIN_SET_IMAGES}, got {size}")
+        small = [f"{n} {side}" for side, n in (("generated", n_gen), ("reference", n_ref)) if 0 < n < size]
+        if small and args.kid_small_set == "error":
+            fit = min(n for n in (n_gen, n_ref) if n > 0)
+            raise ValueError(f"--kid-subset-size {size} is more than the {' and '.join(small)} images; pass "
+                             f"--kid-subset-size {fit} (or less), or --kid-small-set shrink")
+    splits = IS_SPLITS if args.is_splits is None else args.is_splits
+    if "is" in names and (splits < 1 or n_gen < max(splits, MIN_SET_IMAGES)):
+        raise ValueError(f"--is-splits {splits}: the Inception Score needs at least {max(splits, MIN_SET_IMAGES)} "
+                         f"generated images and splits >= 1, found {n_gen} images; pass --is-splits {max(1, n_gen)} "
+                         "(or less)")
 
 
 def _fix_reference(metric: Any, reference: Any, rows: Any, path: str) -> None:
@@ -199,28 +283,64 @@ def _pairs(a: str, b: str, recursive: bool = False) -> list[tuple[Path, Path]]:
     return [(Path(x), Path(y)) for x, y, _ in pairs(a, b, what="compare", recursive=recursive)]
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(W, H)`` of an image file as ``load_image`` will give it (EXIF rotation applied), from its header."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED else (width, height)
+
+
+def _check_pair_sizes(pairs: list[tuple[Path, Path]], minimum: dict[str, int]) -> None:
+    """Equal sizes within each pair and every metric's minimum side, from the headers (no pixels decoded)."""
+    for path_a, path_b in pairs:
+        (wa, ha), (wb, hb) = _image_size(path_a), _image_size(path_b)
+        if (wa, ha) != (wb, hb):
+            raise ValueError(f"{path_a} is {wa}×{ha} but {path_b} is {wb}×{hb} (W×H); paired metrics compare images "
+                             "of equal size: resize one side first")
+        for name, side in minimum.items():
+            if min(wa, ha) < side:
+                raise ValueError(f"--metrics {name}: needs images of at least {side}×{side}, {path_a} is {wa}×{ha} "
+                                 f"(W×H); drop {name} from --metrics or compare larger images")
+
+
+def _size_text(tensor: Any) -> str:
+    return f"{tensor.shape[-1]}×{tensor.shape[-2]}"
+
+
 def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per-pair paired metrics of two files or two name-matched folders."""
     import torch
+    from tqdm import tqdm
 
     from rewardkit.image_io import load_image, pil_to_tensor
 
     names = _metric_list(args.metrics, PAIRED_METRICS)
+    if args.out:
+        if Path(args.out).suffix.lower() not in PAIR_SUFFIXES:
+            raise ValueError(f"--out {args.out}: unknown format {Path(args.out).suffix!r}; name the file *.jsonl or *.csv")
+        check_output(args.out)
+    check_device(args.device)
     pairs = _pairs(args.a, args.b, args.recursive)  # input errors before any network is loaded (or downloaded)
-    metrics = {n: _load(n, args) if n == "lpips" else _load_paired(n, args) for n in names}
+    metrics = {n: _load_paired(n, args) for n in names if n != "lpips"}  # closed-form: nothing to load
+    _check_pair_sizes(pairs, {n: m.min_size for n, m in metrics.items() if getattr(m, "min_size", None)})
+    if "lpips" in names:
+        metrics = {n: metrics[n] if n != "lpips" else _load(n, args) for n in names}
     for metric in metrics.values():
         metric.to(args.device or "cpu")
-    rows = []
-    for path_a, path_b in pairs:
+    rows, began = [], time.perf_counter()
+    for path_a, path_b in tqdm(pairs, desc="compare", unit="pair", disable=not sys.stderr.isatty()):
         a, b = pil_to_tensor(load_image(path_a))[None], pil_to_tensor(load_image(path_b))[None]
         if a.shape != b.shape:
-            raise ValueError(f"{path_a.name} and {path_b.name} differ in size ({tuple(a.shape[2:])} vs "
-                             f"{tuple(b.shape[2:])}); paired metrics compare equal sizes: resize one side first")
+            raise ValueError(f"{path_a} is {_size_text(a)} but {path_b} is {_size_text(b)} (W×H); paired metrics "
+                             "compare images of equal size: resize one side first")
         row: dict[str, Any] = {"a": str(path_a), "b": str(path_b)}
         with torch.no_grad():
             for name, metric in metrics.items():
                 row[name] = float(metric(a, reference=b)[0])
         rows.append(row)
+    report_pass("compared", len(rows), time.perf_counter() - began, unit="pairs")
     return rows
 
 
@@ -231,21 +351,41 @@ def _load_paired(name: str, args: argparse.Namespace) -> Any:
 
 
 def _summary(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Mean of the finite values per metric and how many were not finite; a mean that does not exist is
+    ``None`` (JSON null) with a ``reason``, never a bare NaN."""
     out: dict[str, Any] = {"pairs": len(rows)}
     for name in names:
         finite = [r[name] for r in rows if math.isfinite(r[name])]
-        out[name] = {"mean": sum(finite) / len(finite) if finite else float("nan"), "infinite": len(rows) - len(finite)}
+        entry: dict[str, Any] = {"mean": sum(finite) / len(finite) if finite else None,
+                                 "infinite": len(rows) - len(finite)}
+        if not finite:
+            note = " (PSNR is infinite for identical images)" if name == "psnr" else ""
+            entry["reason"] = f"none of the {len(rows)} values is finite{note}"
+        out[name] = entry
     return out
 
 
+def _json_text(value: Any) -> str:
+    """JSON with every non-finite float as null (``allow_nan=False`` then guarantees valid JSON)."""
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(inner) for key, inner in item.items()}
+        return [clean(inner) for inner in item] if isinstance(item, list) else item
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
+
+
 def _cmd_fid_stats(args: argparse.Namespace) -> None:
-    print(json.dumps(run_fid_stats(args), indent=2))
+    print(_json_text(run_fid_stats(args)))
 
 
 def _cmd_fid(args: argparse.Namespace) -> None:
     result = run_fid(args)
-    text = json.dumps(result, indent=2)
+    text = _json_text(result)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n", "utf-8")
     print(text)
 
@@ -257,7 +397,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     names = _metric_list(args.metrics, PAIRED_METRICS)
     if args.out:
         write_scores(rows, names, Path(args.out), key_columns=("a", "b"))
-    print(json.dumps(_summary(rows, names), indent=2))
+    print(_json_text(_summary(rows, names)))
 
 
 COMMANDS = {"fid-stats": _cmd_fid_stats, "fid": _cmd_fid, "compare": _cmd_compare}
