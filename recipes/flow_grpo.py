@@ -14,16 +14,34 @@ first), the correlation of every two reward parts (``train/part_corr/<a>_vs_<b>`
 approx-KL, clip fraction and the mean ratio (exactly 1 on the first inner epoch: sampling and training compute the same
 policy), plus the evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``).
 
+Tasks (one config each, flow_grpo ``config/grpo.py``): ``flow_grpo.yaml`` (PickScore), ``flow_grpo_ocr.yaml``
+(visual text: the ``ocr`` reward) and ``flow_grpo_geneval.yaml`` (GenEval: the ``geneval`` reward).
+
+Prompt files (``prompts``; ``None`` = rewardkit's built-in prompts):
+
+* ``.txt``: one prompt per line (flow_grpo ``dataset/ocr/train.txt``; for ``ocr`` the text to render is the part
+  of the prompt in double quotes);
+* ``.jsonl``: one JSON object per line with a ``"prompt"`` string and the prompt's metadata (flow_grpo
+  ``dataset/geneval/train_metadata.jsonl``: ``{"tag": ..., "include": [{"class": ..., "count": ...}, ...],
+  "exclude": [...], "prompt": ...}``). As flow_grpo's ``GenevalPromptDataset``, the whole object is the prompt's
+  metadata; every reward call gets ``metadata=`` with the record of each image's prompt (also in evaluation).
+  A reward that needs it (``geneval``) refuses a prompt file without records before any model loads.
+
 Launch (real model; every size is in the YAML):
 
     accelerate launch recipes/flow_grpo.py --config recipes/configs/flow_grpo.yaml                    # one GPU
     accelerate launch --multi_gpu --num_processes 8 recipes/flow_grpo.py --config recipes/configs/flow_grpo.yaml
     ACCELERATE_USE_CPU=1 accelerate launch --num_processes 2 --multi_gpu recipes/flow_grpo.py \\
         --tiny --max_steps 2 --output_dir /tmp/flow-grpo-smoke                                       # CPU smoke
+    python recipes/flow_grpo.py --config recipes/configs/flow_grpo_geneval.yaml --tiny --max_steps 2 \\
+        --output_dir /tmp/flow-grpo-geneval                               # CPU smoke of a task (or _ocr.yaml)
 
-Expected runtime: the CPU smoke run took 30-40 s on 2 shared, busy cores (mostly imports and start-up);
-``--tiny`` builds a random tiny SD3 pipeline and tiny rewards offline (``rewardkit.testing``). Real-model
-runtime was not measured (no GPU was available when this recipe was written).
+``--tiny`` builds a random tiny SD3 pipeline and tiny versions of the configured rewards offline
+(``rewardkit.testing``: random tiny GenEval detector and colour CLIP, the real PP-OCRv4 models of the rapidocr
+wheel) and trains on the config's ``tiny_prompts`` file (shipped beside the task configs); without a config it
+uses a toy brightness + HPSv2 pair. Expected runtime: the CPU smoke run took 30-40 s on 2 shared, busy cores
+(mostly imports and start-up). Real-model runtime was not measured (no GPU was available when this recipe was
+written).
 """
 
 from __future__ import annotations
@@ -51,7 +69,8 @@ PROJECT = "flow_grpo"
 # flow_grpo scripts/train_sd3.py: LoRA on the joint attention's image and text projections.
 SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
-TINY_REWARDS = {"rewardkit.testing.toy_rewards:load_brightness": 1.0, "hpsv2": 0.5}  # two parts: per-part logs
+# --tiny without rewards in the config: two parts, so per-part logs are exercised
+TINY_REWARDS = {"rewardkit.testing.toy_rewards:load_brightness": 1.0, "hpsv2": 0.5}
 _SEED_STRIDE = 1_000_003  # mixes (seed, step, micro-batch, rank, row) into one noise seed per image
 
 
@@ -86,8 +105,9 @@ class Config(rc.CommonConfig):
     lora_rank: int = 32
     lora_alpha: float = 64.0
 
+    TINY_DEFAULTS: ClassVar[dict[str, Any]] = {"rewards": TINY_REWARDS}  # a config's own rewards survive --tiny
     TINY_OVERRIDES: ClassVar[dict[str, Any]] = {**rc.CommonConfig.TINY_OVERRIDES, "group_size": 2,
-                                                "num_inner_epochs": 2, "kl_beta": 0.01, "rewards": TINY_REWARDS}
+                                                "num_inner_epochs": 2, "kl_beta": 0.01}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,14 +176,18 @@ def _shared_latents(cfg: Config, pipe: Any, prompts: list[str], step: int) -> to
 
 
 def score(cfg: Config, accelerator: Any, models: dict, images: list[torch.Tensor], batches: list[list[str]],
-          step: int) -> tuple[list[torch.Tensor], dict]:
+          step: int, metadata: Sequence[list[dict] | None] | None = None) -> tuple[list[torch.Tensor], dict]:
     """Rewards of every micro-batch of a step -> advantages over every process's images, and reward statistics.
 
-    As flow_grpo, the advantages of a step come from one tracker update with all of its gathered rewards.
+    ``metadata``: per micro-batch, one record per image (its prompt's ``.jsonl`` record) or ``None``; passed to
+    the reward as ``metadata=`` (flow_grpo's ``reward_fn(images, prompts, prompt_metadata)``). As flow_grpo, the
+    advantages of a step come from one tracker update with all of its gathered rewards.
     """
     reward, tracker = models["reward"], models["tracker"]
+    metadata = metadata if metadata is not None else [None] * len(batches)
     with torch.no_grad():
-        outputs = [reward.evaluate(batch_images, batch) for batch_images, batch in zip(images, batches)]  # rewardkit:
+        outputs = [reward.evaluate(batch_images, batch, **({} if rows is None else {"metadata": rows}))  # rewardkit:
+                   for batch_images, batch, rows in zip(images, batches, metadata)]
     scores = torch.cat([output.scores for output in outputs])
     parts = {part: torch.cat([output.details[part] for output in outputs]) for part in reward.part_names}
     prompts = [prompt for batch in batches for prompt in batch]
@@ -181,8 +205,9 @@ def score(cfg: Config, accelerator: Any, models: dict, images: list[torch.Tensor
     return list(advantages.split([len(batch) for batch in batches])), metrics
 
 
-def rollout(cfg: Config, accelerator: Any, models: dict, prompts: Sequence[str], step: int) -> tuple[list, dict]:
-    """Sample ``gradient_accumulation_steps`` micro-batches with the current policy, then score them together."""
+def rollout(cfg: Config, accelerator: Any, models: dict, prompts: rc.PromptList, step: int) -> tuple[list, dict]:
+    """Sample ``gradient_accumulation_steps`` micro-batches with the current policy, then score them together
+    (each image with its prompt's metadata record when the prompt file has them)."""
     trajectories, batches = [], []
     groups = cfg.train_batch_size * accelerator.num_processes // cfg.group_size
     for micro in range(cfg.gradient_accumulation_steps):
@@ -195,7 +220,8 @@ def rollout(cfg: Config, accelerator: Any, models: dict, prompts: Sequence[str],
                 generator=_generators(cfg, accelerator, step, micro, len(batch)),
                 latents=_shared_latents(cfg, models["pipe"], batch, step)))
         batches.append(batch)
-    advantages, metrics = score(cfg, accelerator, models, [t.images for t in trajectories], batches, step)
+    metadata = [prompts.metadata_for(batch) for batch in batches]  # rewardkit: records travel with their prompts
+    advantages, metrics = score(cfg, accelerator, models, [t.images for t in trajectories], batches, step, metadata)
     return [Rollout(t, a) for t, a in zip(trajectories, advantages)], {k: float(v) for k, v in metrics.items()}
 
 
@@ -267,13 +293,13 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
     """Train; returns the logged training metrics of every step (for tests)."""
     cfg = config if isinstance(config, Config) else rc.parse_config(Config, config)  # rewardkit: yaml + flags
     accelerator, _ = setup(cfg)
+    prompts = rc.load_prompts(cfg)  # rewardkit: .txt / .jsonl (with metadata) or built-in; checked before models load
     models = build_models(cfg, accelerator)
     state = {"denoiser": models["denoiser"], "optimizer": models["optimizer"], "reward": models["reward"]}
     if models["tracker"] is not None:
         state["tracker"] = models["tracker"]  # rewardkit: per-prompt reward history (tracker.pt)
     start = rc.resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, tracker, step, RNG
     callbacks = rc.eval_callbacks(cfg, models["pipe"], models["reward"], accelerator)  # rewardkit: eval/*
-    prompts = rc.load_prompts(cfg)  # rewardkit: cfg.prompts or BUILTIN_PROMPTS
     progress = rc.progress_bar(accelerator, cfg, initial=start)  # rewardkit:
     history = []
     for step in range(start, cfg.max_steps):

@@ -13,6 +13,7 @@ import torch
 
 import rewardkit as rk
 from rewardkit.integrations import recipe_common as rc
+from rewardkit.protocols import Reward, RewardOutput
 from rewardkit.testing.toy_rewards import MeanBrightness, load_brightness
 
 BRIGHTNESS = "rewardkit.testing.toy_rewards:load_brightness"
@@ -124,6 +125,110 @@ def test_load_prompts(tmp_path: Path) -> None:
     assert rc.load_prompts(_Config(output_dir="x", prompts=str(tmp_path / "p.txt"))) == ["a cat", "a dog"]
     with pytest.raises(ValueError, match="one prompt per line"):
         rc.load_prompts(_Config(output_dir="x", prompts=str(tmp_path / "missing.txt")))
+
+
+
+GENEVAL_ROWS = [  # flow_grpo dataset/geneval/*_metadata.jsonl lines: the prompt and its GenEval metadata
+    {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+     "prompt": "a photo of two cats"},
+    {"tag": "colors", "include": [{"class": "bus", "count": 1, "color": "red"}], "prompt": "a photo of a red bus"},
+]
+
+
+
+
+class _RecordLength(Reward):
+    """Length of each image's metadata record's prompt; NaN without ``metadata=`` (as GenEval): shows what arrived."""
+
+    name = "record_length"
+    requires_prompt = False
+    differentiable = False
+
+    def score(self, images, prompts, *, metadata=None, **context):
+        values = [float("nan")] * len(images) if metadata is None else [float(len(m["prompt"])) for m in metadata]
+        return RewardOutput(torch.tensor(values))
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    return path
+
+
+def test_load_prompts_jsonl_keeps_each_prompts_record(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "geneval.jsonl", GENEVAL_ROWS + [GENEVAL_ROWS[0]])  # an identical repeat is fine
+    prompts = rc.load_prompts(_Config(output_dir="x", prompts=str(path), rewards={"geneval": 1.0}))
+    assert prompts == ["a photo of two cats", "a photo of a red bus"]
+    batch = ["a photo of a red bus", "a photo of two cats", "a photo of a red bus"]
+    assert prompts.metadata_for(batch) == [GENEVAL_ROWS[1], GENEVAL_ROWS[0], GENEVAL_ROWS[1]]  # whole line, as upstream
+    with pytest.raises(ValueError, match="no metadata record for prompt 'a dog'"):
+        prompts.metadata_for(["a dog"])
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert rc.load_prompts(_Config(output_dir="x", prompts=str(tmp_path / "p.txt"))).metadata_for(["a cat"]) is None
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"prompt": "a cat"', ], "line 1 is not JSON"),
+    (['{"tag": "x"}'], 'line 1 must be an object with a non-empty "prompt"'),
+    (['["a cat"]'], "must be an object"),
+    ([json.dumps(GENEVAL_ROWS[0]), json.dumps({**GENEVAL_ROWS[0], "tag": "colors"})], "line 2 repeats the prompt"),
+])
+def test_load_prompts_jsonl_errors_name_the_line(tmp_path: Path, lines: list, match: str) -> None:
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=match):
+        rc.load_prompts(_Config(output_dir="x", prompts=str(tmp_path / "bad.jsonl")))
+
+
+def test_a_metadata_reward_needs_records(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("a photo of two cats\n")
+    for prompts in (str(tmp_path / "p.txt"), None):
+        with pytest.raises(ValueError, match="reward 'geneval' scores each image against its prompt's metadata"):
+            rc.load_prompts(_Config(output_dir="x", prompts=prompts, rewards={"geneval": 1.0}))
+
+
+@dataclasses.dataclass
+class _TaskConfig(rc.CommonConfig):
+    TINY_DEFAULTS = {"rewards": {BRIGHTNESS: 1.0}}
+
+
+def test_tiny_defaults_yield_to_yaml_and_tiny_prompts_replace_prompts(tmp_path: Path) -> None:
+    task = tmp_path / "task.yaml"
+    task.write_text(f"output_dir: {tmp_path}\nrewards: {{ocr: 1.0}}\nprompts: full.txt\ntiny_prompts: tiny.txt\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"output_dir: {tmp_path}\n")
+    cfg = rc.parse_config(_TaskConfig, ["--config", str(task)])
+    assert (cfg.rewards, cfg.prompts) == ({"ocr": 1.0}, "full.txt")  # tiny_prompts only matters with --tiny
+    cfg = rc.parse_config(_TaskConfig, ["--config", str(task), "--tiny"])
+    assert (cfg.rewards, cfg.prompts, cfg.resolution) == ({"ocr": 1.0}, "tiny.txt", 32)  # the task's rewards survive
+    cfg = rc.parse_config(_TaskConfig, ["--config", str(task), "--tiny", "--prompts", "mine.txt"])
+    assert cfg.prompts == "mine.txt"  # an explicit flag wins
+    assert rc.parse_config(_TaskConfig, ["--config", str(plain), "--tiny"]).rewards == {BRIGHTNESS: 1.0}
+    assert rc.parse_config(_TaskConfig, ["--output_dir", "x", "--tiny"]).rewards == {BRIGHTNESS: 1.0}
+    assert rc.parse_config(_TaskConfig, ["--config", str(plain)]).rewards == {"pickscore": 1.0}  # no --tiny
+
+
+def test_prompt_metadata_reward_hands_records_to_the_reward(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "geneval.jsonl", GENEVAL_ROWS)
+    prompts = rc.load_prompts(_Config(output_dir="x", prompts=str(path)))
+    total = rk.compose({_RecordLength(): 1.0}, normalize="zscore")
+    bound = rc.PromptMetadataReward(total, prompts)
+    images = torch.rand(3, 3, 8, 8)
+    batch = ["a photo of a red bus", "a photo of two cats", "a photo of a red bus"]
+    assert (bound.name, bound.part_names, bound.update_stats) == (total.name, ["record_length"], True)
+    before = total.state_dict()
+    out = bound.evaluate(images, batch, update_stats=False)  # what RewardEvalCallback passes to a z-score composition
+    assert out.details["record_length"].tolist() == [float(len(p)) for p in batch]
+    assert all(torch.equal(before[k], v) for k, v in total.state_dict().items())  # update_stats reached compose
+    assert bound(images, "a photo of two cats").shape == (3,)  # one prompt, broadcast
+
+
+def test_eval_callbacks_score_jsonl_prompts_with_their_records(tmp_path: Path, sd3_pipe) -> None:
+    path = _write_jsonl(tmp_path / "geneval.jsonl", GENEVAL_ROWS)
+    cfg = _Config(output_dir=str(tmp_path), tiny=True, eval_prompts=2, eval_every=1, resolution=32,
+                  num_inference_steps=2, prompts=str(path))
+    (callback,) = rc.eval_callbacks(cfg, sd3_pipe, rk.compose({_RecordLength(): 1.0}))
+    values = callback.maybe_evaluate(1)
+    expected = sum(len(row["prompt"]) for row in GENEVAL_ROWS) / 2  # NaN rows would be left out of the mean
+    assert values["eval/record_length_mean"] == pytest.approx(expected)
 
 
 # --- toy reward and rewards from config ------------------------------------------------------------

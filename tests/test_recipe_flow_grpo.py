@@ -1,14 +1,26 @@
-"""Tests of recipes/flow_grpo.py: `accelerate launch` smoke runs (1 and 2 CPU processes), resume, and a
-learning signal on the tiny SD3 pipeline with the brightness reward. No network."""
+"""Tests of recipes/flow_grpo.py: `accelerate launch` smoke runs (1 and 2 CPU processes), resume, a learning
+signal on the tiny SD3 pipeline with the brightness reward, and the GenEval and OCR task configs under --tiny
+(their own rewards, prompt files and metadata). No network."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
+import yaml
 
-from recipe_harness import RECIPES, checkpoint_dir, import_recipe, launch, lora_weights, scalar_events
+from recipe_harness import (
+    RECIPES,
+    checkpoint_dir,
+    import_recipe,
+    launch,
+    lora_weights,
+    scalar_events,
+    values_by_step,
+)
 
 RECIPE_NAME = "flow_grpo"
 REWARD_KEYS = ("train/reward/mean", "train/rewards/brightness/mean", "train/rewards/hpsv2/mean",
@@ -98,3 +110,49 @@ def test_shipped_configs_parse_and_divide_on_eight_processes(name: str) -> None:
     groups = (cfg.train_batch_size * 8, cfg.group_size)
     sizes = recipe.rc.check_batch_arithmetic(cfg, fake, prompts_per_micro_batch=groups)
     assert sizes["prompts_per_micro_batch"] <= len(recipe.rc.load_prompts(cfg))  # distinct prompts suffice
+
+
+TASKS = {"flow_grpo_geneval.yaml": "geneval", "flow_grpo_ocr.yaml": "ocr"}  # task config -> its reward
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_configs_keep_their_reward_and_take_their_tiny_prompts(name: str) -> None:
+    """Full size: flow_grpo's batch arithmetic on 8 processes; --tiny: the task's reward (not the toy pair) and its
+    shipped tiny prompt file, whose prompts are ones the reward can score (GenEval records; quoted OCR targets)."""
+    import types
+
+    from rewardkit.rewards.geneval_rules import check_metadata
+    from rewardkit.rewards.ocr import quoted_target
+
+    recipe = import_recipe(RECIPE_NAME)
+    config = str(RECIPES / "configs" / name)
+    cfg = recipe.rc.parse_config(recipe.Config, ["--config", config])
+    fake = types.SimpleNamespace(num_processes=8, process_index=0, is_main_process=False)
+    recipe.rc.check_batch_arithmetic(cfg, fake, prompts_per_micro_batch=(cfg.train_batch_size * 8, cfg.group_size))
+    tiny = recipe.rc.parse_config(recipe.Config, ["--config", config, "--tiny"])
+    assert cfg.rewards == tiny.rewards == {TASKS[name]: 1.0} and tiny.prompts == cfg.tiny_prompts != cfg.prompts
+    prompts = recipe.rc.load_prompts(tiny)
+    assert len(prompts) >= tiny.train_batch_size // tiny.group_size
+    if TASKS[name] == "geneval":
+        records = prompts.metadata_for(prompts)
+        assert [check_metadata(r) for r in records] == records
+        assert {r["tag"] for r in records} >= {"counting", "position"}
+    else:
+        assert prompts.metadata_for(prompts) is None and all(quoted_target(p) for p in prompts)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_config_tiny_run_trains_on_finite_task_rewards(name: str, tmp_path: Path) -> None:
+    """One process, 2 steps of the task config under --tiny: every logged reward of the task's part, in training and
+    in the step-2 evaluation, is finite (a GenEval row without its record, or an OCR prompt without quotes, is NaN,
+    and an all-NaN step logs NaN)."""
+    part = TASKS[name]
+    launch(RECIPE_NAME, 1, tmp_path, "--config", str(RECIPES / "configs" / name), "--max_steps", "2")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["rewards"] == {part: 1.0} and written["prompts"] == written["tiny_prompts"]
+    (scalars,) = map(values_by_step, scalar_events(tmp_path))
+    for key in ("train/reward/mean", f"train/rewards/{part}/mean", f"train/rewards/{part}/std"):
+        assert set(scalars[key]) == {1, 2} and all(math.isfinite(v) for v in scalars[key].values()), key
+    for key in ("eval/composed_mean", f"eval/{part}_mean"):
+        assert set(scalars[key]) == {2} and math.isfinite(scalars[key][2]), key
+    assert checkpoint_dir(tmp_path, 2).is_dir()

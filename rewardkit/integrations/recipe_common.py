@@ -3,8 +3,9 @@
 Every recipe (Flow-GRPO, DDPO, Diffusion-DPO, DRaFT, ...) is one readable file that subclasses
 ``CommonConfig`` with its method's fields and calls the helpers below, so the parts that must be
 right everywhere (config parsing, batch arithmetic, LoRA, checkpoints, evaluation, tracker logging)
-are written and tested once. Checkpointing lives in ``recipe_checkpoint.py`` and the model builders
-(pipeline, LoRA, rewards, evaluation callbacks) in ``recipe_models.py``; both are re-exported here.
+are written and tested once. Checkpointing lives in ``recipe_checkpoint.py``, the model builders
+(pipeline, LoRA, rewards, evaluation callbacks) in ``recipe_models.py`` and the prompts (files, metadata, K-repeat
+sampling) in ``recipe_prompts.py``; all are re-exported here.
 
 Sources (facts only, no code copied): accelerate's ``Accelerator`` / ``ProjectConfiguration`` trackers;
 TRL's ``TrlParser`` (``trl/scripts/utils.py``: ``--config x.yaml`` sets parser defaults, the command
@@ -14,9 +15,15 @@ line overrides them); diffusers' LoRA training examples (peft ``LoraConfig`` on
 shuffled over the *global* batch) and ddpo-pytorch's start-up batch arithmetic
 (``kvablack/ddpo-pytorch`` ``scripts/train.py``). See reference/rl_integration.md §3-§4.
 
-Order of precedence of config values: dataclass defaults < ``--config`` YAML < the config class's
-``TINY_OVERRIDES`` (only with ``--tiny``) < command-line flags. Dict fields (``rewards``, ...) come
-from YAML as mappings and from the command line as JSON: ``--rewards '{"pickscore": 1.0}'``.
+Order of precedence of config values: dataclass defaults < the config class's ``TINY_DEFAULTS`` (only with
+``--tiny``) < ``--config`` YAML < ``TINY_OVERRIDES`` (only with ``--tiny``) < command-line flags; with ``--tiny``,
+``tiny_prompts`` (a task config's small shipped prompt file) replaces ``prompts`` unless ``--prompts`` is given.
+Dict fields (``rewards``, ...) come from YAML as mappings and from the command line as JSON:
+``--rewards '{"pickscore": 1.0}'``.
+
+Prompt files (``prompts``): ``.txt``, one prompt per line, or ``.jsonl``, one ``{"prompt": ..., <metadata>}`` object
+per line (flow_grpo's GenEval files); ``load_prompts`` keeps each prompt's record (``recipe_prompts.py``) and the
+recipes pass it to the reward as ``metadata=``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,26 +52,23 @@ from rewardkit.integrations.recipe_models import (
     load_tiny_shared,
     weight_dtype,
 )
+from rewardkit.integrations.recipe_prompts import (
+    BUILTIN_PROMPTS,
+    PromptList,
+    PromptMetadataReward,
+    k_repeat_prompts,
+    load_prompts,
+)
 
 __all__ = [
-    "CommonConfig", "BUILTIN_PROMPTS", "LORA_TARGET_MODULES", "TINY_WEIGHTS_FOLDER", "parse_config", "make_accelerator", "setup_logging",
-    "weight_dtype", "load_pipeline", "denoiser_of", "load_tiny_shared", "build_reward", "add_lora", "save_checkpoint", "resume",
-    "latest_checkpoint", "check_batch_arithmetic", "load_prompts", "k_repeat_prompts", "eval_callbacks", "fid_metric", "json_field", "gathered_stats",
-    "log_metrics", "progress_bar", "write_config",
+    "CommonConfig", "BUILTIN_PROMPTS", "LORA_TARGET_MODULES", "TINY_WEIGHTS_FOLDER", "parse_config",
+    "make_accelerator", "setup_logging", "weight_dtype", "load_pipeline", "denoiser_of", "load_tiny_shared",
+    "build_reward", "add_lora", "save_checkpoint", "resume", "latest_checkpoint", "check_batch_arithmetic",
+    "PromptList", "PromptMetadataReward", "load_prompts", "k_repeat_prompts", "eval_callbacks", "fid_metric",
+    "json_field", "gathered_stats", "log_metrics", "progress_bar", "write_config",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Our own prompt set (used when ``prompts`` is None): varied subjects, colours and styles.
-BUILTIN_PROMPTS = (
-    "a red apple on a wooden table", "a lighthouse on a cliff at sunset", "a cat sleeping on a windowsill",
-    "a bowl of ramen, studio photograph", "a snowy mountain village at night", "an astronaut riding a bicycle",
-    "a watercolor painting of a fox", "a vintage car in the rain", "a glass of orange juice in sunlight",
-    "a castle made of sand on a beach", "a dragon flying over a forest", "a cozy library with tall shelves",
-    "a portrait of an old fisherman", "a field of sunflowers under a blue sky", "a robot playing chess",
-    "a sailboat on a calm lake at dawn",
-)
-
 
 @dataclass
 class CommonConfig:
@@ -92,7 +95,8 @@ class CommonConfig:
     resolution: int = 512  # image side in pixels
     num_inference_steps: int = 10  # sampling steps (training rollouts and evaluation)
     guidance_scale: float = 4.5  # classifier-free guidance scale (<= 1 disables CFG)
-    prompts: str | None = None  # .txt file, one prompt per line; None = BUILTIN_PROMPTS
+    prompts: str | None = None  # .txt (one prompt per line) or .jsonl ({"prompt": ..., metadata}) file; None = built-in
+    tiny_prompts: str | None = None  # with --tiny: the prompt file used instead of `prompts` (task configs ship one)
     checkpoint_every: int = 50  # optimizer steps between checkpoints (a final one is always written)
     resume_from: str | None = None  # "latest" or a checkpoint folder
     eval_every: int = 50  # optimizer steps between evaluations (step 0 is not evaluated)
@@ -100,6 +104,9 @@ class CommonConfig:
     fid_reference: str | None = None  # FID reference: .npz statistics (`rewardkit fid-stats`) or image folder
     log_with: str = "tensorboard"  # accelerate tracker name, or "none"
 
+    # Applied with --tiny on top of the dataclass defaults only: YAML values and flags win (e.g. a recipe's toy
+    # rewards, used unless a task config names its own).
+    TINY_DEFAULTS: ClassVar[dict[str, Any]] = {}
     # Applied with --tiny on top of defaults and YAML (command-line flags still win).
     TINY_OVERRIDES: ClassVar[dict[str, Any]] = {
         "max_steps": 20, "resolution": 32, "num_inference_steps": 3, "train_batch_size": 2, "eval_prompts": 2,
@@ -144,7 +151,8 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None) -> Any:
     """Parse ``--config x.yaml``, ``--tiny`` and ``--field value`` flags into ``config_cls``.
 
     Uses TRL's ``TrlParser`` (transformers' ``HfArgumentParser`` plus YAML defaults). With ``tiny``
-    set, ``config_cls.TINY_OVERRIDES`` replace defaults and YAML values, but not explicit flags.
+    set, ``config_cls.TINY_DEFAULTS`` replace dataclass defaults (not YAML values), ``TINY_OVERRIDES`` replace
+    defaults and YAML values, and ``tiny_prompts`` replaces ``prompts``; none of them replaces an explicit flag.
 
     Args:
         config_cls: a dataclass subclassing ``CommonConfig``.
@@ -160,8 +168,22 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None) -> Any:
     if not config.tiny:
         return config
     explicit = _command_line_keys(config_cls, args)
-    overrides = {k: v for k, v in config_cls.TINY_OVERRIDES.items() if k not in explicit}
-    return dataclasses.replace(config, **overrides)
+    from_yaml = _yaml_keys(args)
+    overrides = {k: v for k, v in getattr(config_cls, "TINY_DEFAULTS", {}).items() if k not in from_yaml}
+    overrides.update(config_cls.TINY_OVERRIDES)
+    if config.tiny_prompts:
+        overrides["prompts"] = config.tiny_prompts
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k not in explicit})
+
+
+def _yaml_keys(args: list[str]) -> set[str]:
+    """The field names set by the ``--config`` YAML file (none without one)."""
+    import yaml
+
+    if "--config" not in args or args.index("--config") + 1 >= len(args):
+        return set()
+    values = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text(encoding="utf-8"))
+    return set(values) if isinstance(values, dict) else set()
 
 
 def _command_line_keys(config_cls: type, args: list[str]) -> set[str]:
@@ -256,46 +278,6 @@ def check_batch_arithmetic(cfg: CommonConfig, accelerator: Any, **numbers: int |
     if accelerator.is_main_process:
         logger.info("batch arithmetic:\n%s", "\n".join(f"  {k:<32} {v}" for k, v in derived.items()))
     return derived
-
-
-def load_prompts(cfg: CommonConfig) -> list[str]:
-    """The training prompts: non-empty lines of ``cfg.prompts``, or ``BUILTIN_PROMPTS``."""
-    if cfg.prompts is None:
-        return list(BUILTIN_PROMPTS)
-    path = Path(cfg.prompts)
-    if not path.is_file():
-        raise ValueError(f"config: prompts must be a .txt file with one prompt per line, got {cfg.prompts!r}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"config: the prompts file {path} has no non-empty line")
-    return prompts
-
-
-def k_repeat_prompts(prompts: Sequence[str], group_size: int, num_groups: int, step: int, rank: int, world: int,
-                     seed: int = 0) -> list[str]:
-    """This rank's prompts for one step: ``num_groups`` distinct prompts, each ``group_size`` times,
-    shuffled over the global batch (groups span ranks) and split into equal contiguous shares.
-
-    Every rank draws the same global list (seeded by ``seed`` and ``step``), as flow_grpo's
-    ``DistributedKRepeatSampler``. Group statistics therefore need the gathered batch
-    (``per_prompt_advantages`` gathers).
-
-    Raises:
-        ValueError: fewer distinct prompts than groups, or a global batch not divisible by ``world``.
-    """
-    distinct = list(dict.fromkeys(prompts))
-    if len(distinct) < num_groups:
-        raise ValueError(f"k_repeat_prompts: {num_groups} groups need {num_groups} distinct prompts, got "
-                         f"{len(distinct)}; add prompts or lower the number of prompts per step")
-    total = group_size * num_groups
-    if total % world:
-        raise ValueError(f"k_repeat_prompts: {total} images per step cannot be split over {world} processes")
-    rng = random.Random(seed * 1_000_003 + step)
-    chosen = rng.sample(distinct, num_groups)
-    batch = [prompt for prompt in chosen for _ in range(group_size)]
-    rng.shuffle(batch)
-    share = total // world
-    return batch[rank * share:(rank + 1) * share]
 
 
 def progress_bar(accelerator: Any, cfg: CommonConfig, initial: int = 0) -> Any:

@@ -128,19 +128,22 @@ def build_reward(cfg: Any, device: Any, accelerator: Any = None) -> Any:
 def eval_callbacks(cfg: Any, pipeline: Any, reward: Any, accelerator: Any = None,
                    pipeline_kwargs: dict[str, Any] | None = None) -> list[Any]:
     """``RewardEvalCallback`` (and ``FIDEvalCallback`` when ``cfg.fid_reference`` is set), every
-    ``cfg.eval_every`` steps, on the first ``cfg.eval_prompts`` prompts with seeds ``0..N-1``.
+    ``cfg.eval_every`` steps, on the first ``cfg.eval_prompts`` prompts with seeds ``0..N-1``; prompts from a
+    ``.jsonl`` file are scored with their records as ``metadata=`` (``PromptMetadataReward``).
 
     Call ``callback.maybe_evaluate(step, accelerator, model=denoiser)`` on every rank.
     """
     from rewardkit.integrations.callbacks import FIDEvalCallback, RewardEvalCallback
-    from rewardkit.integrations.recipe_common import load_prompts
+    from rewardkit.integrations.recipe_prompts import PromptMetadataReward, load_prompts
 
     all_prompts = load_prompts(cfg)
     prompts = [all_prompts[i % len(all_prompts)] for i in range(cfg.eval_prompts)]
     kwargs = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
               "height": cfg.resolution, "width": cfg.resolution, **(pipeline_kwargs or {})}
     options = {"every_n_steps": cfg.eval_every, "pipeline": pipeline, "pipeline_kwargs": kwargs}
-    callbacks: list[Any] = [RewardEvalCallback(reward, prompts, **options)]
+    # a .jsonl prompt file's records reach the reward as metadata=, as in training (GenEval needs them)
+    scored = PromptMetadataReward(reward, all_prompts) if all_prompts.records else reward
+    callbacks: list[Any] = [RewardEvalCallback(scored, prompts, **options)]
     if cfg.fid_reference:
         callbacks.append(FIDEvalCallback(fid_metric(cfg, accelerator), prompts, **_fid_reference(cfg), **options))
     return callbacks
