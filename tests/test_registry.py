@@ -170,4 +170,4 @@ def test_example_prompt_is_scored(tiny_reward) -> None:
 
     out = tiny_reward("ocr").evaluate(rkt.random_images(2, 64, 64), get_entry("ocr").example_prompt)
     assert out.details["failure"] == [None, None] and bool(out.scores.isfinite().all())
-    assert out.details["target"] == ["OPEN DAILY"] * 2
+    assert out.details["target"] == [get_entry("ocr").example_prompt.split('"')[1]] * 2  # the quoted text
