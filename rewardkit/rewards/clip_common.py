@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardkit.nets.clip import ClipTowers, HFClipTowers, OpenClipTowers, PromptEmbeddingCache, build_open_clip_model
-from rewardkit.precision import autocast_for, dtype_name, parse_dtype
+from rewardkit.precision import autocast_for, cast_matmul_weights, dtype_name, parse_dtype
 from rewardkit.preprocess import PreprocessSpec, preprocess
 from rewardkit.protocols import Reward, RewardOutput
 from rewardkit.rewards.exact_path import ExactPathMixin
@@ -78,6 +78,9 @@ class ClipCheckpoint:
 # so a file replaced at the same path is loaded again instead of serving the old weights (issue 13.3).
 _SHARED: weakref.WeakValueDictionary[tuple[Any, bool], ClipTowers] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
+# Fast-mode copies of shared towers, per (exact towers, dtype): a fast reward never shares an exact tower
+# (its weights are cast to bf16/fp16), and two fast rewards on the same weights share one copy.
+_FAST: weakref.WeakKeyDictionary[ClipTowers, dict[torch.dtype, ClipTowers]] = weakref.WeakKeyDictionary()
 # Files of a weight folder that identify its content (weights, architecture, tokenizer/preprocessor configs).
 _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt")
 
@@ -101,6 +104,25 @@ def content_key(path: Path) -> tuple:
         return str(resolved), _stat_key(resolved)
     files = sorted(p for p in resolved.iterdir() if p.suffix in _IDENTITY_SUFFIXES and p.is_file())
     return str(resolved), tuple(_stat_key(p) for p in files)
+
+
+def fast_towers(towers: ClipTowers, dtype: torch.dtype | None) -> ClipTowers:
+    """``towers`` for exact mode (``dtype=None``); else a shared copy whose matmul weights are ``dtype``.
+
+    The copy is made once per (towers, dtype) and lives as long as a reward holds it; the exact towers are
+    never modified, so exact-mode rewards on the same weights keep their float32 scores.
+    """
+    if dtype is None:
+        return towers
+    import copy
+
+    with _SHARED_LOCK:
+        per_dtype = _FAST.setdefault(towers, {})
+        if dtype not in per_dtype:
+            fast = copy.deepcopy(towers)
+            fast._rk_preprocess_cfg = getattr(towers, "_rk_preprocess_cfg", {})
+            per_dtype[dtype] = cast_matmul_weights(fast, dtype)
+        return per_dtype[dtype]
 
 
 def resolve_device(device: Any) -> torch.device:
@@ -325,9 +347,9 @@ class ClipEmbeddingReward(ExactPathMixin, Reward):
 
     def __init__(self, towers: ClipTowers, spec: PreprocessSpec, dtype: Any = None) -> None:
         super().__init__()
-        self.towers = towers
-        self.spec = spec
         self.autocast_dtype = parse_dtype(dtype)
+        self.towers = fast_towers(towers, self.autocast_dtype)  # fast mode: low-precision weights, held once
+        self.spec = spec
         self.prompt_cache = PromptEmbeddingCache()
         self.freeze()
 
