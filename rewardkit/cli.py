@@ -63,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--tiny", action="store_true", help="use tiny RANDOM models from rewardkit.testing "
                        "(offline; the numbers are meaningless, for trying the CLI)")
     score.add_argument("--out", required=True, metavar="FILE", help="scores.jsonl or scores.csv")
+    from rewardkit.cli_serve import add_engine_flags
+
+    add_engine_flags(score)  # --engine ray (Ray Data) and its flags
     demo = commands.add_parser("demo", help="offline demo: tiny random models score synthetic images, with a report")
     demo.add_argument("--out", default="rewardkit-demo", metavar="DIR", help="output folder (default ./rewardkit-demo)")
     demo.add_argument("--rewards", nargs="+", default=list(DEMO_REWARDS), metavar="NAME",
@@ -307,6 +310,10 @@ def _print_summary(rows: list[dict[str, Any]], names: Sequence[str], written: Se
 
 
 def _cmd_score(args: argparse.Namespace) -> None:
+    if args.engine == "ray":
+        from rewardkit.cli_serve import run_score_ray
+
+        return _print_summary(run_score_ray(args), list(dict.fromkeys(args.names)), [Path(args.out)])
     options = dict(prompt=args.prompt, prompts_file=args.prompts, weights=args.weights, device=args.device,
                    dtype=args.dtype, batch_size=args.batch_size, preprocess=args.preprocess, outs=[Path(args.out)],
                    servers=args.server, served_models=args.served_model)

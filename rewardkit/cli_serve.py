@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["add_commands", "COMMANDS", "run_serve"]
+__all__ = ["add_commands", "COMMANDS", "run_serve", "add_engine_flags", "run_score_ray"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 8000  # Ray Serve's default HTTP port
@@ -102,3 +102,47 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"serve": _cmd_serve}
+
+
+def add_engine_flags(score: argparse.ArgumentParser) -> None:
+    """``rewardkit score --engine ray`` and its flags (added to the ``score`` sub-parser by cli.py)."""
+    score.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process (default); "
+                       "ray: Ray Data, one actor per device, resumable; --images may also name .parquet / .tar shards")
+    score.add_argument("--shard-dir", metavar="DIR", help="--engine ray: finished shards (default OUT.shards/); "
+                       "shards found there are skipped")
+    score.add_argument("--shard-size", type=int, default=512, metavar="N", help="--engine ray: image files per shard")
+    score.add_argument("--actors", type=int, default=1, metavar="N", help="--engine ray: scoring actors (one per device)")
+    score.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="F", help="--engine ray: GPUs per actor")
+    score.add_argument("--address", help="--engine ray: a running Ray cluster to join (default: start a local one)")
+
+
+def run_score_ray(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``rewardkit score --engine ray``: the same checks and rows as the local engine, scored on Ray Data."""
+    from pathlib import Path
+
+    from rewardkit.cli import OUTPUT_SUFFIXES, _check_rewards, collect_images, parse_weights, read_prompts
+    from rewardkit.report import write_scores
+    from rewardkit.serve.dataset import is_dataset_file, score_with_ray
+
+    names, out = list(dict.fromkeys(args.names)), Path(args.out)
+    if args.server or args.served_model:
+        raise ValueError("--engine ray scores with local models on Ray actors; drop --server / --served-model")
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {out}: unknown format {out.suffix!r}; name the file *.jsonl or *.csv")
+    datasets = [Path(s) for s in args.images if is_dataset_file(s)]
+    images = collect_images([s for s in args.images if not is_dataset_file(s)])
+    prompts = read_prompts(images, args.prompt, args.prompts)
+    if datasets and (args.prompt or args.prompts):
+        raise ValueError("--prompt / --prompts apply to image files; .parquet / .tar shards carry their own prompts")
+    _check_rewards(names, prompts is not None or bool(datasets))
+    weights = parse_weights(args.weights, names)
+    if args.tiny and weights:
+        raise ValueError("--tiny builds random models; drop --weights (or drop --tiny to load real weights)")
+    shard_dir = Path(args.shard_dir) if args.shard_dir else out.with_name(out.name + ".shards")
+    rows = score_with_ray(names, [p for p, _ in images], prompts, datasets, shard_dir=shard_dir,
+                          shard_size=args.shard_size, batch_size=args.batch_size, preprocess=args.preprocess,
+                          weights=weights, device=args.device, dtype=args.dtype,
+                          tiny_root=shard_dir / "tiny-models" if args.tiny else None, actors=args.actors,
+                          gpus_per_actor=args.gpus_per_actor, address=args.address)
+    write_scores(rows, names, out)
+    return rows
