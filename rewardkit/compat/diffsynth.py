@@ -9,11 +9,19 @@ upstream's, not DiffSynth's deviations (each class lists them; reference/clip_fa
 Plumbing differences: downloads go to the hub cache (files already under ``<base>/<model_id>/`` are used in
 place); ``torch_dtype=torch.bfloat16`` is bf16 autocast over fp32 weights; ``vram_limit`` and the offload
 fields are ignored; arguments after ``device`` are keyword-only.
+
+Checkpoints of another size than the released ones (e.g. the tiny trees of
+``rewardkit.testing.build_diffsynth_tree``) say their architecture in one of two ways: ``from_pretrained(...,
+config=...)`` (any ``rewardkit.load`` option passes through), or a ``rewardkit.json`` file beside the local weights
+(in the folder of a weights file, or in a weights folder) holding a JSON object of ``rewardkit.load`` options,
+read as defaults: explicit ``from_pretrained`` arguments win. DiffSynth's real files have no such file, so they
+load exactly as without it; the file is never looked for on the hub.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,9 +34,11 @@ from PIL import Image
 from rewardkit import weights as _weights
 from rewardkit.image_io import as_rgb_images
 from rewardkit.registry import load as _load
+from rewardkit.weights import CheckpointMismatchError
 
 __all__ = ["ModelConfig", "Metric", "PickScoreMetric", "CLIPMetric", "HPSv2Metric", "AestheticMetric",
-           "BioCLIPMetric", "FIDMetric", "LPIPSMetric", "IMAGE_METRICS_REPO", "DEFAULT_DEVICE"]
+           "BioCLIPMetric", "FIDMetric", "LPIPSMetric", "IMAGE_METRICS_REPO", "DEFAULT_DEVICE", "SIDECAR_NAME",
+           "sidecar_options"]
 
 IMAGE_METRICS_REPO = "DiffSynth-Studio/ImageMetrics"  # the default repo of every diffsynth/metrics/*.py
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # DiffSynth: get_device_type(), at import
@@ -39,6 +49,8 @@ _SOURCES = {"modelscope": "ms", "huggingface": "hf"}
 _TOKENIZER_PATTERNS = ("*.json", "*.txt")  # a processor folder without its (GB-sized) weights
 _TRUE = ("1", "true", "yes", "on")
 _DTYPES = {torch.float32: None, torch.bfloat16: "bf16", torch.float16: "fp16"}
+SIDECAR_NAME = "rewardkit.json"  # optional rewardkit.load options beside local weights (module docstring)
+_RK_LOAD_HINT = "pass config=... to rk.load"  # rewardkit.weights.load_state_dict_strict's shape-conflict hint
 
 
 @dataclass
@@ -174,6 +186,57 @@ def _rewardkit_dtype(torch_dtype: Any) -> Any:
     return torch_dtype  # None, or rewardkit's own names ("bf16", ...)
 
 
+def sidecar_options(weights: Any) -> dict[str, Any]:
+    """The ``rewardkit.load`` options in ``SIDECAR_NAME`` beside local ``weights``; ``{}`` without one.
+
+    Args:
+        weights: a local file or folder, or a hub spec (never has a sidecar).
+
+    Raises:
+        ValueError: the file is not a JSON object.
+    """
+    if not isinstance(weights, (str, os.PathLike)) or not Path(weights).exists():
+        return {}
+    path = Path(weights)
+    sidecar = (path if path.is_dir() else path.parent) / SIDECAR_NAME
+    if not sidecar.is_file():
+        return {}
+    options = json.loads(sidecar.read_text(encoding="utf-8"))
+    if not isinstance(options, dict):
+        raise ValueError(f"{sidecar}: expected a JSON object of rewardkit.load options, got {type(options).__name__}; "
+                         "write e.g. {\"config\": {...}} or delete the file")
+    return options
+
+
+def _with_sidecar(weights: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` completed (never overridden) by the sidecar beside ``weights``; changed in place."""
+    for key, value in sidecar_options(weights).items():
+        options.setdefault(key, value)
+    return options
+
+
+def _compat_hint(message: str, owner: str) -> str:
+    """A mismatch message that names ``<owner>.from_pretrained(config=...)``, where compat users pass it."""
+    fix = f"pass config=... to {owner}.from_pretrained (rewardkit.load options pass through)"
+    if _RK_LOAD_HINT in message:
+        return message.replace(_RK_LOAD_HINT, fix)
+    return message + f"; with rewardkit.metrics, {fix}"
+
+
+def load_for(owner: str, name: str, weights: Any, **options: Any) -> Any:
+    """``rewardkit.load(name, weights=weights, **options)`` for the compat class ``owner``.
+
+    Sidecar options fill in what ``options`` leaves out, and a checkpoint/architecture mismatch names
+    ``<owner>.from_pretrained(config=...)`` instead of ``rk.load`` (the same option, passed through).
+    """
+    _with_sidecar(weights, options)
+    try:
+        return _load(name, weights=weights, **options)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(_compat_hint(str(err), owner), err.missing, err.unexpected,
+                                      err.shape_conflicts) from err
+
+
 class Metric(torch.nn.Module):
     """Base of the DiffSynth-compatible metrics: a rewardkit reward (``self.reward``) on PIL images / paths.
 
@@ -221,10 +284,11 @@ class Metric(torch.nn.Module):
         if cls.processor_pattern and processor_config is not None:
             folder = processor_config.resolve(_TOKENIZER_PATTERNS)
             load_options.setdefault("processor", str(folder.parent if folder.is_file() else folder))
+        _with_sidecar(weights, load_options)  # before the class defaults (CLIP's LAION ViT-H/14 for files)
         cls._add_options(weights, load_options)
         dtype = _rewardkit_dtype(model_config.computation_dtype or torch_dtype)
         device = model_config.computation_device or device
-        return cls(_load(name, weights=weights, device=device, dtype=dtype, **load_options))
+        return cls(load_for(cls.__name__, name, weights, device=device, dtype=dtype, **load_options))
 
     @classmethod
     def _add_options(cls, weights: str, options: dict[str, Any]) -> None:
@@ -396,14 +460,12 @@ class BioCLIPMetric(Metric):
         return self.tensor_to_list(self._matrix(prompt, images, self.reward.towers.logit_scale.float().exp()))
 
 
-# The set-level metrics live in their own module (one family per file); re-exported here so that every
-# DiffSynth name imports from rewardkit.compat.diffsynth.
-from rewardkit.compat.diffsynth_sets import FIDMetric, LPIPSMetric  # noqa: E402
-
-
-# Metric classes defined in sibling modules. They subclass Metric, so their modules import this one:
-# resolve them lazily (no import cycle, and no VLM code imported until asked for).
+# Metric classes defined in sibling modules, which import this one (they subclass Metric or use its helpers):
+# resolved lazily so that every DiffSynth name imports from here with no import cycle (the sibling modules
+# depend on this one, never the reverse) and no VLM code is imported until asked for.
 _SIBLINGS = {
+    "FIDMetric": "rewardkit.compat.diffsynth_sets",
+    "LPIPSMetric": "rewardkit.compat.diffsynth_sets",
     "ImageRewardMetric": "rewardkit.compat.diffsynth_imagereward",
     "HPSv3Metric": "rewardkit.compat.diffsynth_hpsv3",
     "UnifiedReward2Metric": "rewardkit.compat.diffsynth_unified_reward",
@@ -419,3 +481,7 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SIBLINGS))

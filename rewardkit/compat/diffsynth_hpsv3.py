@@ -30,8 +30,8 @@ from rewardkit.compat.diffsynth import (
     _default,
     _model_weights,
     _rewardkit_dtype,
+    load_for,
 )
-from rewardkit.registry import load as _load
 
 __all__ = ["HPSv3Metric", "HPSV3_DIFFSYNTH_PIXELS"]
 
@@ -95,7 +95,7 @@ class HPSv3Metric(Metric):
             load_options.setdefault("processor_kwargs", dict(processor_kwargs))
         dtype = _rewardkit_dtype(model_config.computation_dtype or torch_dtype)
         device = model_config.computation_device or device
-        reward = _load(cls.registry_name, weights=weights, device=device, dtype=dtype, min_pixels=min_pixels,
+        reward = load_for(cls.__name__, cls.registry_name, weights, device=device, dtype=dtype, min_pixels=min_pixels,
                        max_pixels=max_pixels, **load_options)
         return cls(reward, score_index)
 

@@ -29,8 +29,8 @@ from rewardkit.compat.diffsynth import (
     _default,
     _model_weights,
     _rewardkit_dtype,
+    load_for,
 )
-from rewardkit.registry import load as _load
 
 __all__ = ["ImageRewardMetric", "IMAGEREWARD_MAX_LENGTH"]
 
@@ -81,5 +81,5 @@ class ImageRewardMetric(Metric):
             load_options.setdefault("tokenizer_kwargs", dict(tokenizer_kwargs))
         dtype = _rewardkit_dtype(model_config.computation_dtype or torch_dtype)
         device = model_config.computation_device or device
-        return cls(_load(cls.registry_name, weights=weights, device=device, dtype=dtype, max_length=max_length,
+        return cls(load_for(cls.__name__, cls.registry_name, weights, device=device, dtype=dtype, max_length=max_length,
                          **load_options))

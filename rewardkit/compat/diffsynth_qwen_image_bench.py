@@ -36,9 +36,8 @@ from typing import Any
 
 import torch
 
-from rewardkit.compat.diffsynth import DEFAULT_DEVICE, Metric, ModelConfig, _rewardkit_dtype
+from rewardkit.compat.diffsynth import DEFAULT_DEVICE, Metric, ModelConfig, _rewardkit_dtype, _with_sidecar, load_for
 from rewardkit.image_io import pil_to_tensor
-from rewardkit.registry import load as _load
 from rewardkit.rewards.qwen_image_bench import AnswerError, extract_json, nest_answer
 from rewardkit.rewards.qwen_image_bench_checklist import LEVEL1_DIMS, RESIZE_LONG_EDGE, parse_dims
 
@@ -113,10 +112,13 @@ class QwenImageBenchMetric(Metric):
     @classmethod
     def from_pretrained(cls, model_config: ModelConfig | None = None,  # type: ignore[override]
                         processor_config: ModelConfig | None = None, torch_dtype: torch.dtype | None = None,
-                        device: Any = DEFAULT_DEVICE, max_new_tokens: int = QIB_MAX_NEW_TOKENS,
-                        resize_long_edge: int = RESIZE_LONG_EDGE, processor_kwargs: dict | None = None,
+                        device: Any = DEFAULT_DEVICE, max_new_tokens: int | None = None,
+                        resize_long_edge: int | None = None, processor_kwargs: dict | None = None,
                         vram_limit: float | None = None, **load_options: Any) -> QwenImageBenchMetric:
         """Build the metric; ``load_options`` go to ``rewardkit.load`` (e.g. ``batch_size``, ``device_map``).
+
+        ``max_new_tokens`` / ``resize_long_edge``: ``None`` = a ``rewardkit.json`` value beside local weights
+        (tiny test folders), else DiffSynth's defaults (``QIB_MAX_NEW_TOKENS``, ``RESIZE_LONG_EDGE``).
 
         Raises:
             ValueError: a ``processor_config`` naming another folder than the weights.
@@ -131,10 +133,15 @@ class QwenImageBenchMetric(Metric):
                              "beside the weights or leave processor_config out")
         if processor_kwargs:
             load_options["processor_kwargs"] = dict(processor_kwargs)
+        for key, value in (("max_new_tokens", max_new_tokens), ("resize_long_edge", resize_long_edge)):
+            if value is not None:
+                load_options[key] = value
+        _with_sidecar(weights, load_options)
+        load_options.setdefault("max_new_tokens", QIB_MAX_NEW_TOKENS)
+        load_options.setdefault("resize_long_edge", RESIZE_LONG_EDGE)
         dtype = _rewardkit_dtype(model_config.computation_dtype or torch_dtype)
         device = model_config.computation_device or device
-        return cls(_load(cls.registry_name, weights=weights, device=device, dtype=dtype,
-                         max_new_tokens=max_new_tokens, resize_long_edge=resize_long_edge, **load_options))
+        return cls(load_for(cls.__name__, cls.registry_name, weights, device=device, dtype=dtype, **load_options))
 
     def evaluate(self, prompt: str | list[str] | None, images: Any,  # type: ignore[override]
                  dimensions: Any = None) -> list[dict[str, Any]]:

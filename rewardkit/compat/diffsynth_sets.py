@@ -21,19 +21,16 @@ from __future__ import annotations
 import os
 import pathlib
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from rewardkit.compat.diffsynth import ModelConfig
+# One-way: rewardkit.compat.diffsynth resolves FIDMetric / LPIPSMetric lazily (module __getattr__) and never
+# imports this module, so importing either module first works (`rewardkit compare` imports this one first).
+from rewardkit.compat.diffsynth import (DEFAULT_DEVICE, ModelConfig, _default, _model_weights, _with_sidecar,
+                                       load_for)
 
 __all__ = ["FIDMetric", "LPIPSMetric"]
-
-# rewardkit.compat.diffsynth imports this module at its end, so it is imported lazily here (a top-level import
-# made `import rewardkit.compat.diffsynth_sets` first, as `rewardkit compare` does, fail with an import cycle).
-# DiffSynth's default device, as rewardkit.compat.diffsynth.DEFAULT_DEVICE: get_device_type(), at import.
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DIFFSYNTH_BATCH_SIZE = 16  # diffsynth/metrics/fid.py, lpips.py defaults
 LPIPS_TARGET_SIZE = 512  # diffsynth/metrics/lpips.py: resize target when sizes differ
@@ -57,11 +54,11 @@ class FIDMetric(torch.nn.Module):
                         batch_size: int = DIFFSYNTH_BATCH_SIZE, num_workers: int = 0, vram_limit: float | None = None,
                         preset: str = "legacy-pytorch", **options: Any) -> FIDMetric:
         """Load the FID-Inception weights (default ``FID/model.safetensors`` of DiffSynth-Studio/ImageMetrics)."""
-        from rewardkit.compat.diffsynth import ModelConfig, _default, _model_weights
         from rewardkit.metrics.fid import load_fid
 
         _warn_vram("FIDMetric", vram_limit)
         weights = _model_weights(model_config or _default("FID/model.safetensors", ModelConfig()))
+        _with_sidecar(weights, options)
         return cls(load_fid(weights, device=device, preset=preset, batch_size=batch_size, num_workers=num_workers,
                             recursive=True, **options))
 
@@ -144,14 +141,12 @@ class LPIPSMetric(torch.nn.Module):
                         *, batch_size: int = DIFFSYNTH_BATCH_SIZE, target_size: int = LPIPS_TARGET_SIZE,
                         vram_limit: float | None = None, resize: bool = False, **options: Any) -> LPIPSMetric:
         """Load LPIPS v0.1 (default: DiffSynth-Studio/ImageMetrics ``LPIPS/<net>.safetensors``)."""
-        from rewardkit.compat.diffsynth import ModelConfig, _default, _model_weights
-        from rewardkit.registry import load
-
         if net not in _LPIPS_FILES:
             raise ValueError(f"LPIPSMetric: net must be one of {sorted(_LPIPS_FILES)}, got {net!r}")
         _warn_vram("LPIPSMetric", vram_limit)
         weights = _model_weights(model_config or _default(_LPIPS_FILES[net], ModelConfig()))
-        return cls(load("lpips", weights=weights, device=device, net=net, **options), batch_size, target_size, resize)
+        reward = load_for("LPIPSMetric", "lpips", weights, device=device, net=net, **options)
+        return cls(reward, batch_size, target_size, resize)
 
     def _tensor(self, item: Any) -> torch.Tensor:
         from rewardkit.image_io import as_rgb, load_image, pil_to_tensor

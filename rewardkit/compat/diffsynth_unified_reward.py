@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from rewardkit.compat.diffsynth import DEFAULT_DEVICE, IMAGE_METRICS_REPO, Metric, ModelConfig, _rewardkit_dtype
+from rewardkit.compat.diffsynth import (DEFAULT_DEVICE, IMAGE_METRICS_REPO, Metric, ModelConfig, _rewardkit_dtype,
+                                       load_for)
 from rewardkit.image_io import pil_to_tensor
-from rewardkit.registry import load as _load
 
 __all__ = ["UnifiedReward2Metric", "UnifiedRewardEditMetric", "DIFFSYNTH_RANK_WINNERS"]
 
@@ -109,7 +109,7 @@ class _JudgeMetric(Metric):
             load_options["processor_kwargs"] = dict(processor_kwargs)
         dtype = _rewardkit_dtype(model_config.computation_dtype or torch_dtype)
         device = model_config.computation_device or device
-        return cls(_load(cls.registry_name, weights=weights, device=device, dtype=dtype, **load_options))
+        return cls(load_for(cls.__name__, cls.registry_name, weights, device=device, dtype=dtype, **load_options))
 
     @staticmethod
     def _run(reward: Any, rows: list[tuple[Image.Image, ...]], prompts: list[str], **keys: int) -> list[dict]:

@@ -29,6 +29,7 @@ from rewardkit.testing.clip import (
     write_clip_tokenizer,
     write_hf_clip_folder,
 )
+from rewardkit.testing.diffsynth_tree import DIFFSYNTH_TREE_METRICS, build_diffsynth_tree
 from rewardkit.testing.dino import tiny_cmmd, tiny_fd_dinov2
 from rewardkit.testing.fid import tiny_fid_inception
 from rewardkit.testing.hpsv3 import tiny_hpsv3
@@ -60,6 +61,7 @@ __all__ = [
     "tiny_hpsv3",
     "tiny_ocr",
     "tiny_geneval",
+    "build_diffsynth_tree", "DIFFSYNTH_TREE_METRICS",
 ]
 
 
