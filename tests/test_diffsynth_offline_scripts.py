@@ -124,20 +124,14 @@ def test_tree_has_every_default_path(base: Path) -> None:
         rkt.build_diffsynth_tree(base, metrics=["pickscore", "nope"])
 
 
-@pytest.mark.parametrize("where", ["env", "cwd"])
-def test_diffsynth_style_script_runs_all_twelve_metrics(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        where: str) -> None:
-    if where == "cwd":  # DiffSynth's default base: ./models in the working directory
-        (tmp_path / "models").symlink_to(base, target_is_directory=True)
-        monkeypatch.delenv("DIFFSYNTH_MODEL_BASE_PATH", raising=False)
-    else:
-        monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+def test_diffsynth_style_script_runs_all_twelve_metrics(base: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
     monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")  # a miss would raise instead of reaching for the hub
     monkeypatch.chdir(tmp_path)
     _write_images(tmp_path)
-    script = SCRIPT if where == "env" else SCRIPT.split("ur2 = ", 1)[0]  # the judges once are enough
-    results = _run(script)
-    assert script.count("rewardkit") == 1 and "config=" not in script.replace("_config=", "")
+    results = _run(SCRIPT)
+    assert SCRIPT.count("rewardkit") == 1 and "config=" not in SCRIPT.replace("_config=", "")
     for name in SCORE_CLASSES:
         scores, rows = results[name]
         assert len(scores) == 3 and all(type(x) is float and math.isfinite(x) for x in scores), (name, scores)
@@ -145,13 +139,30 @@ def test_diffsynth_style_script_runs_all_twelve_metrics(base: Path, tmp_path: Pa
     assert len(set(results["PickScoreMetric"][0])) == 3  # the images move the score
     assert math.isfinite(results["FIDMetric"]) and results["FIDMetric"] >= 0
     assert math.isfinite(results["LPIPSMetric"]) and results["LPIPSMetric"] > 0
-    if where == "env":
-        # random judges write random text: the rows are there, unscored, with the reason (never 0)
-        (ur2,) = results["UnifiedReward2Metric"]
-        (edit,) = results["UnifiedRewardEditMetric"]
-        (qib,) = results["QwenImageBenchMetric"]
-        assert "score" in ur2 and "raw" in ur2 and "score" in edit and "raw" in edit
-        assert "total_score" in qib and "parse_failures" in qib
+    # random judges write random text: the rows are there, unscored, with the reason (never 0)
+    (ur2,) = results["UnifiedReward2Metric"]
+    (edit,) = results["UnifiedRewardEditMetric"]
+    (qib,) = results["QwenImageBenchMetric"]
+    assert "score" in ur2 and "raw" in ur2 and "score" in edit and "raw" in edit
+    assert "total_score" in qib and "parse_failures" in qib
+
+
+def test_default_base_is_models_in_the_working_directory(base: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``$DIFFSYNTH_MODEL_BASE_PATH`` the tree is found at ``./models``, as DiffSynth looks for it."""
+    (tmp_path / "models").symlink_to(base, target_is_directory=True)
+    monkeypatch.delenv("DIFFSYNTH_MODEL_BASE_PATH", raising=False)
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    monkeypatch.chdir(tmp_path)
+    _write_images(tmp_path)
+    script = ("from rewardkit.metrics import ModelConfig, PickScoreMetric\nfrom PIL import Image\n"
+              "repo = 'DiffSynth-Studio/ImageMetrics'\n"
+              "metric = PickScoreMetric.from_pretrained(\n"
+              "    model_config=ModelConfig(model_id=repo, origin_file_pattern='PickScore/model.safetensors'),\n"
+              "    processor_config=ModelConfig(model_id=repo, origin_file_pattern='PickScore/'), device='cpu')\n"
+              "results = metric.compute('a cat', [Image.open(f'images/gen/{i}.png') for i in range(3)])\n")
+    scores = _run(script)
+    assert len(scores) == 3 and all(math.isfinite(x) for x in scores)
 
 
 def test_sidecar_equals_an_explicit_config(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
