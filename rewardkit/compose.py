@@ -28,6 +28,10 @@ Details and the maths: ``docs/composition.md``.
 Parts that expose the shared-feature protocol and return the same ``feature_key`` compute the image
 features once per call (tensor path). ``evaluate_pil`` / ``score_pil`` is the exact path: each part's
 own ``evaluate_pil`` where it has one, the tensor path on ``image_io.to_tensor`` images otherwise.
+
+Keywords beside images and prompts (``reference=``, ``source=``, ``metadata=``, ...) go to the parts whose
+``context_keys`` name them (all keywords to a part that declares none), so ``metadata=`` for ``geneval``
+never reaches a paired metric; a keyword that no part takes raises before any scoring.
 """
 
 from __future__ import annotations
@@ -239,6 +243,7 @@ class ComposedReward(Reward):
         try:
             check_images(self.name, images)
             prompt_list = check_prompts(self.name, prompts, images.shape[0], self.requires_prompt)
+            self._check_context(context)
             raw = self._tensor_raw(self.part_names, images, prompt_list, context)
         except BaseException:
             self._statistics(ticket, None, update)  # the failed call still takes (and passes) its turn
@@ -252,6 +257,7 @@ class ComposedReward(Reward):
         combination, statistics and tickets as ``evaluate``."""
         ticket, update = self._ticket(ticket), self.update_stats if update_stats is None else bool(update_stats)
         try:
+            self._check_context(context)
             raw = self._pil_raw(images, prompts, context)
         except BaseException:
             self._statistics(ticket, None, update)
@@ -359,6 +365,22 @@ class ComposedReward(Reward):
             return (raw - mean.to(raw)) / (std.to(raw) + ZSCORE_EPS)
         return raw
 
+    def _context_for(self, name: str, context: dict) -> dict:
+        """The keywords part ``name`` takes (``context_keys``; all of them for a part that does not say)."""
+        keys = getattr(self._part(name), "context_keys", None)
+        return dict(context) if keys is None else {k: v for k, v in context.items() if k in keys}
+
+    def _check_context(self, context: dict) -> None:
+        """Refuse a keyword that no part takes (a typo, or a part missing from the composition), before scoring."""
+        taken = set()
+        for name in self.part_names:
+            keys = getattr(self._part(name), "context_keys", None)
+            taken |= set(context) if keys is None else set(keys)
+        unknown = sorted(set(context) - taken)
+        if unknown:
+            takes = {n: sorted(getattr(self._part(n), "context_keys", None) or []) for n in self.part_names}
+            raise TypeError(f"{self.name}: no part takes {unknown}; the parts take {takes}")
+
     def _lock(self, name: str) -> Any:
         lock = self._locks.get(name)
         return lock if lock is not None else nullcontext()
@@ -375,7 +397,7 @@ class ComposedReward(Reward):
             with self._lock(name):
                 key = part.feature_key(images) if hasattr(part, "feature_key") else None
                 if key is None:
-                    raw = part(images, prompts, **context)
+                    raw = part(images, prompts, **self._context_for(name, context))
                 else:
                     if key not in shared:
                         shared[key] = part.features(images)
@@ -397,7 +419,8 @@ class ComposedReward(Reward):
         for name in exact:
             method = self._part(name).evaluate_pil
             with self._lock(name):  # context goes where the part's exact path takes it (its tensor path ignores it)
-                out = method(pil, prompt_list, **(context if _takes_context(method) else {}))
+                part_context = self._context_for(name, context)
+                out = method(pil, prompt_list, **(part_context if _takes_context(method) else {}))
             raw[name] = _checked(name, out.scores, len(pil))
         rest = [k for k in self.part_names if k not in raw]
         if rest:
@@ -413,7 +436,7 @@ class ComposedReward(Reward):
         groups: dict[tuple[int, int], list[int]] = {}
         for row, image in enumerate(pil):
             groups.setdefault(image.size, []).append(row)
-        if len(groups) > 1 and context:
+        if len(groups) > 1 and any(self._context_for(name, context) for name in names):
             raise ValueError(f"{self.name}: {sorted(context)} given with images of {len(groups)} sizes; parts "
                              f"{names} have no exact path and are scored per size; pass images of one size")
         device = next((p.device for k in names if isinstance(self._part(k), nn.Module)

@@ -80,6 +80,10 @@ class Reward(nn.Module):
     higher_is_better: bool = True
     differentiable: bool = True
     requires_prompt: bool = True
+    # The keywords ``evaluate(images, prompts, **context)`` takes beside images and prompts (``reference``,
+    # ``source``, ``metadata``, ...); ``None`` = any, passed through. A composition hands each keyword only to
+    # the parts that take it, and refuses a keyword that no part takes.
+    context_keys: frozenset[str] | None = None
 
     def freeze(self) -> Reward:
         """Put the module in eval mode with every parameter frozen; returns ``self``."""

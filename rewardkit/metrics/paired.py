@@ -45,6 +45,7 @@ class PairedReward(Reward):
     """
 
     requires_prompt = False
+    context_keys = frozenset({"reference"})
 
     def score(self, images: torch.Tensor, prompts: list[str] | None, **context: Any) -> RewardOutput:
         reference = check_reference(self.name, images, context.pop("reference", None))

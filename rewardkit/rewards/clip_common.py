@@ -345,6 +345,8 @@ class ClipEmbeddingReward(ExactPathMixin, Reward):
     float32 embeddings ``(B, D)`` (``text_embeds`` is ``None`` for image-only rewards).
     """
 
+    context_keys = frozenset()
+
     def __init__(self, towers: ClipTowers, spec: PreprocessSpec, dtype: Any = None) -> None:
         super().__init__()
         self.autocast_dtype = parse_dtype(dtype)

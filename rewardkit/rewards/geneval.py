@@ -58,6 +58,7 @@ class GenEvalReward(Reward):
     higher_is_better = True
     differentiable = False
     requires_prompt = False
+    context_keys = frozenset({"metadata"})
 
     def __init__(self, detector: Any, colors: Any, score: str = "partial",
                  thresholds: GenEvalThresholds = GenEvalThresholds(), jpeg_quality: int | None = None) -> None:

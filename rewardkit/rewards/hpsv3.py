@@ -162,6 +162,7 @@ class HPSv3Reward(Reward):
     higher_is_better = True
     differentiable = True
     requires_prompt = True
+    context_keys = frozenset()
 
     def __init__(self, net: HPSv3Net, processor: Any, *, position_mode: PositionMode = "sequential",
                  min_pixels: int = HPSV3_PIXELS, max_pixels: int = HPSV3_PIXELS,

@@ -101,6 +101,7 @@ class ImageRewardReward(ExactPathMixin, Reward):
     higher_is_better = True
     differentiable = True
     requires_prompt = True
+    context_keys = frozenset()
 
     def __init__(self, net: ImageRewardNet, tokenizer: Any, *, max_length: int = IMAGEREWARD_MAX_LENGTH,
                  dtype: Any = None) -> None:

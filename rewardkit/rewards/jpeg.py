@@ -70,6 +70,7 @@ class JpegSizeReward(Reward):
     higher_is_better = True
     differentiable = False
     requires_prompt = False
+    context_keys = frozenset()
 
     def __init__(self, name: str, sign: float, *, quality: int = JPEG_QUALITY, scale: float | None = None,
                  convention: Convention | None = None) -> None:

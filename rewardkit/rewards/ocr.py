@@ -101,6 +101,7 @@ class OcrReward(Reward):
     higher_is_better = True
     differentiable = False
     requires_prompt = True
+    context_keys = frozenset({"metadata"})
 
     def __init__(self, backend: Any, on_error: str = "zero") -> None:
         super().__init__()

@@ -235,6 +235,7 @@ class QwenImageBench(GenerativeJudge):
     requires_prompt = True
     multi_request = True
     field_names = LEVEL1_DIMS
+    context_keys = frozenset({"dims"})
 
     def __init__(self, backend: GenerationBackend, *, max_new_tokens: int = MAX_NEW_TOKENS,
                  resize_long_edge: int | None = RESIZE_LONG_EDGE, dims: Any = None) -> None:

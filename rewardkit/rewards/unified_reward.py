@@ -93,6 +93,7 @@ class UnifiedReward2(GenerativeJudge):
     higher_is_better = True
     requires_prompt = True
     field_names = UR2_FIELDS
+    context_keys = frozenset()
 
     def __init__(self, backend: GenerationBackend, *, prompt_variant: str = "upstream",
                  enable_thinking: bool | None = False, max_new_tokens: int = UR2_MAX_NEW_TOKENS,
@@ -137,6 +138,7 @@ class UnifiedRewardEdit(GenerativeJudge):
     name = "unified-reward-edit"
     higher_is_better = True
     requires_prompt = True
+    context_keys = frozenset({"source", "other"})
 
     def __init__(self, backend: GenerationBackend, *, task: str = "edit_pointwise_score",
                  enable_thinking: bool | None = False, max_new_tokens: int = EDIT_MAX_NEW_TOKENS,
