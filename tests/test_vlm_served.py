@@ -150,6 +150,39 @@ def test_concurrency_is_bounded(url: str) -> None:
     assert server_stats(url)["max_in_flight"] == 2  # 6 requests, each held 1 s: never more than 2 at once
 
 
+def test_batch_deadline_keeps_answered_rows_and_fails_the_rest(url: str) -> None:
+    # 2 requests at a time, each held DELAY s before the (serialised) generation: the first two are answered
+    # by DELAY + 2 generations, the next two not before 2 x DELAY. The deadline sits between, with 2 s for the
+    # generations of the first round (a busy 2-core runner takes up to ~1 s per answer).
+    delay, deadline = 6.0, 10.0
+    control_server(url, delay=delay, forced_answer="score: 3.5")
+    backend = OpenAIChatBackend(url, api_key=_KEY, max_concurrency=2, batch_timeout=deadline)
+    judge = ScoreJudge(backend)
+    began = time.monotonic()
+    out = judge.evaluate(random_images(4))
+    elapsed = time.monotonic() - began
+    assert out.scores[:2].tolist() == [3.5, 3.5] and out.details["failure"][:2] == [None, None]
+    assert all(math.isnan(s) for s in out.scores[2:].tolist())
+    for reason in out.details["failure"][2:]:
+        assert reason.startswith("generation failed: batch deadline of 10s passed; 2 of 4 requests were answered "
+                                 "in time"), reason
+    assert judge.failure_counts == {"generation failed": 2}
+    # It returned at the deadline, before the second round could have been answered (a structural bound).
+    assert elapsed < 2 * delay, elapsed
+
+
+def test_batch_timeout_is_validated_and_passed_through_build_backend() -> None:
+    from rewardkit.vlm.build import build_backend
+
+    for bad in (0, -1.0, float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="batch_timeout"):
+            OpenAIChatBackend("http://h:1/v1", batch_timeout=bad)
+    backend = build_backend("judge", default_weights="hf:x/y", server="http://h:1/v1", batch_timeout=30)
+    assert isinstance(backend, OpenAIChatBackend) and backend.batch_timeout == 30.0
+    with pytest.raises(ValueError, match="only apply with server="):
+        build_backend("judge", default_weights="hf:x/y", batch_timeout=30)
+
+
 def test_payload_fields_images_and_urls() -> None:
     backend = OpenAIChatBackend("http://127.0.0.1:9", served_model="m")
     assert backend.base_url == "http://127.0.0.1:9/v1"

@@ -6,7 +6,8 @@ ways to get answers (/work/shared/reference/vlm_family.md §9.5):
 * ``weights=`` (None = the registry's upstream repo) plus ``device`` / ``dtype`` / ``device_map`` /
   ``batch_size``: an in-process :class:`~rewardkit.vlm.local.TransformersBackend`;
 * ``server="http://host:8000/v1"`` plus ``served_model`` / ``api_key`` / ``max_concurrency`` /
-  ``timeout`` / ``retries`` / ``image_format``: an :class:`~rewardkit.vlm.served.OpenAIChatBackend`;
+  ``timeout`` / ``retries`` / ``image_format`` / ``batch_timeout`` (a deadline for one ``evaluate`` call):
+  an :class:`~rewardkit.vlm.served.OpenAIChatBackend`;
 * ``backend=<any GenerationBackend>``: used as is.
 
 Mixing options of two ways raises ``ValueError`` naming the conflict.
@@ -23,7 +24,8 @@ __all__ = ["build_backend"]
 
 _LOCAL_OPTIONS = ("device", "dtype", "device_map", "batch_size", "model_class", "processor_kwargs",
                   "logits_processor_factory")
-_SERVED_OPTIONS = ("served_model", "api_key", "max_concurrency", "timeout", "retries", "backoff", "image_format")
+_SERVED_OPTIONS = ("served_model", "api_key", "max_concurrency", "timeout", "retries", "backoff", "image_format",
+                   "batch_timeout")
 
 
 def build_backend(name: str, *, default_weights: str, weights: str | Path | None = None, server: str | None = None,
@@ -41,7 +43,7 @@ def build_backend(name: str, *, default_weights: str, weights: str | Path | None
         model_class: the transformers class of the in-process model (``"auto"`` or a class name).
         **options: the in-process options (``device``, ``dtype``, ``device_map``, ``batch_size``,
             ``processor_kwargs``, ``logits_processor_factory``) or the server options (``served_model``, ``api_key``,
-            ``max_concurrency``, ``timeout``, ``retries``, ``backoff``, ``image_format``); None values are
+            ``max_concurrency``, ``timeout``, ``retries``, ``backoff``, ``image_format``, ``batch_timeout``); None values are
             ignored.
 
     Raises:
