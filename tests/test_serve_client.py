@@ -166,6 +166,19 @@ def test_upstream_style_pickle_client_against_rewardkit_server(servers) -> None:
     assert remote(images).tolist() == pytest.approx(local(decoded).tolist())
 
 
+def test_verl_omni_style_pickle_client(pickscore, servers) -> None:
+    """The body verl-omni's ``http_scorer_client.compute_score`` posts: one JPEG, its prompt, ``metadata: {}``."""
+    server = servers(pickscore, allow_pickle=True)
+    image = random_images(1, 32, 32, seed=8)
+    buffer = io.BytesIO()
+    Image.fromarray((image[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(buffer, format="JPEG")
+    body = pickle.dumps({"images": [buffer.getvalue()], "prompts": ["a red cube"], "metadata": {}})
+    answer = pickle.loads(urllib.request.urlopen(urllib.request.Request(server.url, data=body), timeout=30).read())
+    decoded = torch.from_numpy(__import__("numpy").array(Image.open(buffer))).permute(2, 0, 1)[None].float() / 255
+    assert "error" not in answer and answer["scores"] == pytest.approx(pickscore(decoded, "a red cube").tolist(),
+                                                                        rel=1e-5, abs=1e-5)
+
+
 def _geneval_stand_in(environ, start_response):
     """app_geneval.py's contract with a stand-in score: the fraction of included objects whose count is 1,
     halved unless ``only_strict``; answers the five keys flow_grpo's ``geneval_score`` reads."""

@@ -14,10 +14,11 @@ Both are answered with JSON ``{"scores": [float | null], "failures": [str | null
 a ``null`` score is a NaN row and its ``failures`` entry says why (JSON has no NaN).
 
 The field's pickle protocol (``POST /``, yifan123/reward-server ``app_geneval.py`` / ``app_deqa.py`` and
-the flow_grpo / ddpo-pytorch clients in ``flow_grpo/rewards.py`` ``geneval_score`` / ``deqa_score_remote``):
-the body is ``pickle.dumps({"images": [JPEG bytes, ...], "prompts": [...]?, "meta_datas": [...]?,
+the flow_grpo / ddpo-pytorch clients in ``flow_grpo/rewards.py`` ``geneval_score`` / ``deqa_score_remote``;
+verl-omni ``verl_omni/utils/reward_score/http_scorer_client.py``): the body is ``pickle.dumps({"images":
+[JPEG bytes, ...], "prompts": [...]?, "meta_datas": [...]? (flow_grpo) or "metadata": {...}? (verl-omni),
 "only_strict": bool?})`` and the answer ``pickle.dumps({"scores": [...], ...})`` (DeQA answers
-``"outputs"``). Unpickling is code execution: both sides here read pickles with :class:`_SafeUnpickler`,
+``"outputs"``; verl-omni reads ``scores`` and raises on an ``error`` key). Unpickling is code execution: both sides here read pickles with :class:`_SafeUnpickler`,
 an allow-list of plain containers and numpy arrays (upstream clients pickle ``np.array_split`` pieces),
 which narrows but does not make trustworthy a pickle from an untrusted peer.
 """
@@ -246,8 +247,11 @@ def decode_pickle_request(body: bytes) -> Batch:
         raise WireError("reward-server request: expected a pickled dict with 'images' (a list of JPEG/PNG bytes)")
     rows = [_decode_image(item, i) for i, item in enumerate(payload["images"])]
     context: dict[str, Any] = {}
-    if payload.get("meta_datas") is not None:
-        context["metadata"] = [dict(m) if isinstance(m, dict) else m for m in payload["meta_datas"]]
+    # flow_grpo sends per-row "meta_datas"; verl-omni's http_scorer_client always sends "metadata": {} (no rows)
+    metadata = payload.get("meta_datas") if payload.get("meta_datas") is not None else payload.get("metadata")
+    if metadata:
+        context["metadata"] = [dict(m) if isinstance(m, dict) else m for m in metadata] \
+            if isinstance(metadata, (list, tuple)) or hasattr(metadata, "tolist") else metadata
     return Batch(rows, _check_prompts(payload.get("prompts"), len(rows)), context)
 
 
