@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +74,11 @@ def test_score_jsonl_equals_library(tmp_path, capsys):
     argv = ["score", "pickscore", "aesthetic", "--images", str(tmp_path / "imgs"), "--prompt", "a cat", "--tiny",
             "--batch-size", "2", "--out", str(out)]
     assert main(argv) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert "pickscore" in stdout and "aesthetic" in stdout and str(out) in stdout
+    # stderr is not a terminal: one summary line instead of a progress bar.
+    assert re.fullmatch(r"scored 3 images in \d+\.\d s \(\d+\.\d img/s\)", captured.err.strip()), captured.err
     rows = _read_jsonl(out)
     assert [r["image"] for r in rows] == [str(p) for p in paths]
     assert all(list(r) == ["image", "prompt", "pickscore", "aesthetic"] and r["prompt"] == "a cat" for r in rows)

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -143,6 +144,9 @@ def folder_run(root: Path, weights: str, folders: dict[str, Path]) -> tuple[dict
             "--metrics", "fid,kid,is", "--kid-small-set", "shrink", "--is-splits", IS_SPLITS, "--out", str(out_file)]
     code, out, err = _cli(argv)
     assert code == 0, err
+    # stderr is not a terminal here: one summary line per feature pass instead of progress bars.
+    assert re.search(r"^fid reference: read 5 images in \d+\.\d s \(\d+\.\d img/s\)$", err, re.M), err
+    assert re.search(r"^fid generated: read 6 images in \d+\.\d s \(\d+\.\d img/s\)$", err, re.M), err
     return json.loads(out), out_file
 
 
@@ -353,7 +357,7 @@ def test_compare_sizes_differ_is_an_error(root, capsys):
     assert main(["compare", str(root / "sized-a"), str(root / "sized-b"), "--metrics", "ssim,psnr"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "differ in size" in captured.err and "(40, 48) vs (48, 40)" in captured.err
+    assert "sized-a/x.png is 48×40 but" in captured.err and "sized-b/x.png is 40×48 (W×H)" in captured.err
 
 
 def test_compare_folder_with_file_is_an_error(pairs, capsys):
