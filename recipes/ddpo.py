@@ -42,6 +42,7 @@ from rewardkit.integrations.ddim_logprob import (  # rewardkit: DDIM log-probs a
 from rewardkit.integrations.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
 from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe support
     CommonConfig,
+    PromptList,
     add_lora,
     build_reward,
     check_batch_arithmetic,
@@ -60,6 +61,7 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     weight_dtype,
     write_config,
 )
+from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
 from rewardkit.integrations.trackers import tracker_for  # rewardkit: per-prompt stat trackers (ddpo, flow_grpo)
 
 # Two parts, so per-part logging is exercised.
@@ -119,7 +121,7 @@ class Run:
     reward: Any
     tracker: Any  # PerPromptStatTracker, or None for stateless advantages
     callbacks: list[Any]
-    prompts: list[str]
+    prompts: PromptList  # with each prompt's .jsonl record (metadata_for), if any
     sizes: dict[str, int]
     start_step: int
 
@@ -135,6 +137,7 @@ class Rollout:
     prompt_embeds: torch.Tensor  # (N, L, D)
     negative_prompt_embeds: torch.Tensor | None  # (N, L, D) with CFG
     advantages: torch.Tensor  # (N,)
+    scores: torch.Tensor  # (N,) the optimised (composed) reward, fed to the hacking alarm
 
 
 def setup(cfg: Config) -> Run:
@@ -159,7 +162,8 @@ def setup(cfg: Config) -> Run:
         epochs=(cfg.max_steps, cfg.num_inner_epochs))
     tracker = tracker_for(cfg.advantage_tracker, cfg.advantage_std, buffer_size=cfg.tracker_buffer_size,  # rewardkit:
                           min_count=cfg.tracker_min_count)
-    start = resume(accelerator, cfg, checkpoint_state(unet, optimizer, reward, tracker))  # rewardkit: + RNG, step
+    start = resume(accelerator, cfg, checkpoint_state(unet, optimizer, reward, tracker),  # rewardkit: + RNG, step,
+                   callbacks=callbacks)  # and the callbacks' states (alarm history, FID reference)
     return Run(accelerator, pipe, unet, params, optimizer, reward, tracker, callbacks, load_prompts(cfg), sizes, start)
 
 
@@ -188,8 +192,10 @@ def sample_epoch(run: Run, cfg: Config, epoch: int) -> tuple[Rollout, dict[str, 
             trajectory = sample_with_logprob(  # rewardkit: DDIM eta > 0, records (x_t, x_t-1, log p, t)
                 run.pipe, batch, generators, num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale, eta=cfg.eta, height=cfg.resolution, width=cfg.resolution)
+        rows = run.prompts.metadata_for(batch)  # rewardkit: a .jsonl prompt file's records (None for .txt)
         with torch.no_grad():
-            output = run.reward.evaluate(trajectory.images, batch)  # rewardkit: total + every part
+            output = run.reward.evaluate(trajectory.images, batch,  # rewardkit: total + every part
+                                         **({} if rows is None else {"metadata": rows}))
         trajectories.append(trajectory)
         scores.append(output.scores)
         for name in run.reward.part_names:  # rewardkit: per-part raw scores
@@ -205,7 +211,7 @@ def sample_epoch(run: Run, cfg: Config, epoch: int) -> tuple[Rollout, dict[str, 
     negative = [t.negative_prompt_embeds for t in trajectories]
     rollout = Rollout(*(torch.cat([getattr(t, name) for t in trajectories]) for name in
                         ("latents", "next_latents", "log_probs", "timesteps", "prompt_embeds")),
-                      None if negative[0] is None else torch.cat(negative), advantages.nan_to_num(0.0))
+                      None if negative[0] is None else torch.cat(negative), advantages.nan_to_num(0.0), scores_all)
     return rollout, stats
 
 
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     progress = progress_bar(accelerator, cfg, initial=step)  # rewardkit:
     while step < cfg.max_steps:
         rollout, reward_stats = sample_epoch(run, cfg, epoch=step // cfg.num_inner_epochs)
+        for callback in run.callbacks:  # rewardkit: the hacking alarm's training side (this rank's rows)
+            callback.record_train_reward(rollout.scores)
         for _ in range(cfg.num_inner_epochs):
             metrics = policy_update(run, cfg, rollout)
             step += 1
@@ -259,9 +267,13 @@ def main(argv: list[str] | None = None) -> None:
                         postfix=("train/reward/mean", "train/loss", "train/clipfrac"))
             for callback in run.callbacks:  # on every rank: the reductions are collectives
                 callback.maybe_evaluate(step, accelerator, model=run.pipe.unet)  # rewardkit:
-        if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
+        # stop_on_hacking_alarm: checked at the end of a sampling epoch (checkpoints fall on epoch boundaries)
+        stop = stop_requested(run.callbacks, step)  # rewardkit: the same answer on every rank
+        if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps or stop:
             save_checkpoint(accelerator, cfg, step,  # rewardkit: LoRA, optimizer, normaliser, tracker, RNG, step
-                            checkpoint_state(run.unet, run.optimizer, run.reward, run.tracker))
+                            checkpoint_state(run.unet, run.optimizer, run.reward, run.tracker), run.callbacks)
+        if stop:
+            break
     progress.close()
     accelerator.end_training()  # destroys the process group (avoids SIGABRT at exit on gloo)
 

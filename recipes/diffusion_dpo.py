@@ -38,8 +38,10 @@ from rewardkit.integrations.preference import (  # rewardkit: pair labelling and
     label_pairs,
     per_sample_mse,
 )
+from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
 from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe support
     CommonConfig,
+    PromptList,
     add_lora,
     build_reward,
     check_batch_arithmetic,
@@ -101,7 +103,7 @@ class Run:
     optimizer: Any
     reward: Any
     callbacks: list[Any]
-    prompts: list[str]
+    prompts: PromptList  # with each prompt's .jsonl record (metadata_for), if any
     sizes: dict[str, int]
     start_step: int
 
@@ -128,7 +130,8 @@ def setup(cfg: Config) -> Run:
         pairs_per_optimizer_step=(cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
                                   cfg.images_per_prompt))
     state = {"denoiser": unet, "optimizer": optimizer, "reward": reward}
-    start = resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, RNG, step
+    start = resume(accelerator, cfg, state, callbacks=callbacks)  # rewardkit: LoRA, optimizer, normaliser, RNG, step,
+    # and the callbacks' states (last evaluated step, hacking-alarm history, FID reference)
     return Run(accelerator, pipe, unet, noise_scheduler, params, optimizer, reward, callbacks, load_prompts(cfg), sizes,
                start)
 
@@ -144,8 +147,10 @@ def make_pairs(run: Run, cfg: Config, micro_step: int) -> dict[str, Any]:
     with accelerator.autocast():
         images = generate_images(run.pipe, prompts, seeds, num_inference_steps=cfg.num_inference_steps,  # rewardkit:
                                  guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution)
+    rows = run.prompts.metadata_for(prompts)  # rewardkit: a .jsonl prompt file's records (None for .txt)
     with torch.no_grad():
-        output = run.reward.evaluate(images, prompts)  # rewardkit: total + every part
+        output = run.reward.evaluate(images, prompts,  # rewardkit: total + every part
+                                     **({} if rows is None else {"metadata": rows}))
     labelled = label_pairs(output.scores, prompts, min_margin=cfg.min_margin,  # rewardkit: NaN never wins
                            nan_loses=cfg.nan_loses)
     parts = {name: output.details[name] for name in run.reward.part_names}  # rewardkit: per-part raw scores
@@ -214,6 +219,8 @@ def train_step(run: Run, cfg: Config, step: int) -> dict[str, float]:
         scores.append(batch["scores"])
         for name, values in batch["parts"].items():
             parts.setdefault(name, []).append(values)
+    for callback in run.callbacks:  # rewardkit: the hacking alarm's training side (this rank's images)
+        callback.record_train_reward(torch.cat(scores))
     local = {key: float(torch.tensor([r[key] for r in records]).nanmean()) for key in records[0]}
     return {**_nanmean_across(accelerator, local),
             **gathered_stats(accelerator, {"train/reward": torch.cat(scores),
@@ -233,9 +240,12 @@ def main(argv: list[str] | None = None) -> None:
                     postfix=("train/loss", "train/implicit_acc", "train/reward_margin"))
         for callback in run.callbacks:  # on every rank: the reductions are collectives
             callback.maybe_evaluate(step, accelerator, model=run.pipe.unet)  # rewardkit:
-        if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
-            save_checkpoint(accelerator, cfg, step,  # rewardkit: LoRA, optimizer, normaliser, RNG, step
-                            {"denoiser": run.unet, "optimizer": run.optimizer, "reward": run.reward})
+        stop = stop_requested(run.callbacks, step)  # rewardkit: stop_on_hacking_alarm, the same on every rank
+        if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps or stop:
+            save_checkpoint(accelerator, cfg, step,  # rewardkit: LoRA, optimizer, normaliser, RNG, step, callbacks
+                            {"denoiser": run.unet, "optimizer": run.optimizer, "reward": run.reward}, run.callbacks)
+        if stop:
+            break
     progress.close()
     accelerator.end_training()  # destroys the process group (avoids SIGABRT at exit on gloo)
 

@@ -63,6 +63,7 @@ from rewardkit.integrations.flow_logprob import (  # rewardkit: Flow-GRPO SDE st
     sample_with_logprob,
     step_log_prob,
 )
+from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
 from rewardkit.integrations.trackers import tracker_for  # rewardkit: per-prompt stat trackers (flow_grpo, ddpo)
 
 PROJECT = "flow_grpo"
@@ -125,10 +126,11 @@ class Config(rc.CommonConfig):
 
 @dataclass
 class Rollout:
-    """One sampled micro-batch of this process: the recorded trajectory and its advantages ``(B,)``."""
+    """One sampled micro-batch of this process: the recorded trajectory, its advantages and total rewards ``(B,)``."""
 
     trajectory: FlowTrajectory
     advantages: torch.Tensor
+    scores: torch.Tensor  # the optimised (composed) reward of each image, fed to the hacking alarm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,8 +178,9 @@ def _shared_latents(cfg: Config, pipe: Any, prompts: list[str], step: int) -> to
 
 
 def score(cfg: Config, accelerator: Any, models: dict, images: list[torch.Tensor], batches: list[list[str]],
-          step: int, metadata: Sequence[list[dict] | None] | None = None) -> tuple[list[torch.Tensor], dict]:
-    """Rewards of every micro-batch of a step -> advantages over every process's images, and reward statistics.
+          step: int, metadata: Sequence[list[dict] | None] | None = None) -> tuple[list[tuple], dict]:
+    """Rewards of every micro-batch of a step -> ``(advantages, rewards)`` of each micro-batch (advantages over
+    every process's images) and reward statistics.
 
     ``metadata``: per micro-batch, one record per image (its prompt's ``.jsonl`` record) or ``None``; passed to
     the reward as ``metadata=`` (flow_grpo's ``reward_fn(images, prompts, prompt_metadata)``). As flow_grpo, the
@@ -202,7 +205,8 @@ def score(cfg: Config, accelerator: Any, models: dict, images: list[torch.Tensor
     for part, values in parts.items():  # rewardkit: per-part raw scores
         values = accelerator.gather(values.float())
         metrics[f"rewards/{part}/mean"], metrics[f"rewards/{part}/std"] = values.nanmean(), values.std()
-    return list(advantages.split([len(batch) for batch in batches])), metrics
+    sizes = [len(batch) for batch in batches]
+    return list(zip(advantages.split(sizes), scores.split(sizes))), metrics
 
 
 def rollout(cfg: Config, accelerator: Any, models: dict, prompts: rc.PromptList, step: int) -> tuple[list, dict]:
@@ -221,8 +225,8 @@ def rollout(cfg: Config, accelerator: Any, models: dict, prompts: rc.PromptList,
                 latents=_shared_latents(cfg, models["pipe"], batch, step)))
         batches.append(batch)
     metadata = [prompts.metadata_for(batch) for batch in batches]  # rewardkit: records travel with their prompts
-    advantages, metrics = score(cfg, accelerator, models, [t.images for t in trajectories], batches, step, metadata)
-    return [Rollout(t, a) for t, a in zip(trajectories, advantages)], {k: float(v) for k, v in metrics.items()}
+    scored, metrics = score(cfg, accelerator, models, [t.images for t in trajectories], batches, step, metadata)
+    return [Rollout(t, a, s) for t, (a, s) in zip(trajectories, scored)], {k: float(v) for k, v in metrics.items()}
 
 
 def grpo_loss(cfg: Config, denoiser: Any, raw: Any, item: Rollout, j: int) -> tuple[torch.Tensor, dict]:
@@ -277,9 +281,14 @@ def policy_update(cfg: Config, accelerator: Any, models: dict, rollouts: list[Ro
 
 
 def evaluate(cfg: Config, accelerator: Any, models: dict, callbacks: list, step: int, rollouts: list[Rollout]) -> None:
-    """Evaluation callbacks on every process (they are collectives); sample images on the main one."""
+    """Evaluation callbacks on every process (they are collectives); sample images on the main one.
+
+    Each callback first records this step's optimised rewards (this rank's images) for its hacking alarm.
+    """
     raw = accelerator.unwrap_model(models["denoiser"])
+    scores = torch.cat([item.scores for item in rollouts])
     for callback in callbacks:
+        callback.record_train_reward(scores)  # rewardkit: the alarm's training side (NaN rows left out)
         callback.maybe_evaluate(step, accelerator, model=raw)  # rewardkit: logs eval/* through the trackers
     if accelerator.is_main_process and step % cfg.eval_every == 0:
         from torchvision.utils import save_image
@@ -298,8 +307,9 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
     state = {"denoiser": models["denoiser"], "optimizer": models["optimizer"], "reward": models["reward"]}
     if models["tracker"] is not None:
         state["tracker"] = models["tracker"]  # rewardkit: per-prompt reward history (tracker.pt)
-    start = rc.resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, tracker, step, RNG
     callbacks = rc.eval_callbacks(cfg, models["pipe"], models["reward"], accelerator)  # rewardkit: eval/*
+    # rewardkit: LoRA, optimizer, normaliser, tracker, step, RNG and the callbacks (alarm history, FID reference)
+    start = rc.resume(accelerator, cfg, state, callbacks=callbacks)
     progress = rc.progress_bar(accelerator, cfg, initial=start)  # rewardkit:
     history = []
     for step in range(start, cfg.max_steps):
@@ -312,8 +322,11 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
                                       postfix=("train/reward/mean", "train/loss", "train/kl")))
         progress.update(1)
         evaluate(cfg, accelerator, models, callbacks, done, rollouts)
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            rc.save_checkpoint(accelerator, cfg, done, state)  # rewardkit: every checkpoint_every and at the end
+        stop = stop_requested(callbacks, done)  # rewardkit: stop_on_hacking_alarm (the same on every rank)
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stop:
+            rc.save_checkpoint(accelerator, cfg, done, state, callbacks)  # rewardkit: every checkpoint_every, at the end
+        if stop:
+            break
     progress.close()
     accelerator.end_training()
     return history

@@ -63,6 +63,7 @@ import torch
 
 from rewardkit.integrations import recipe_common as rc  # rewardkit:
 from rewardkit.integrations.backprop import reward_loss  # rewardkit:
+from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
 from rewardkit.integrations.truncated_sampling import draw_num_grad_steps, truncated_sample  # rewardkit:
 
 logger = logging.getLogger("reward_backprop")
@@ -320,8 +321,9 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
     pipe, _, reward, optimizer = models
     denoiser = rc.denoiser_of(pipe)  # rewardkit: the LoRA UNet / transformer
     state = {"denoiser": denoiser, "optimizer": optimizer, "reward": reward.reward}
-    start = rc.resume(accelerator, cfg, state)  # rewardkit: LoRA, optimizer, normaliser, RNG
     callbacks = rc.eval_callbacks(cfg, pipe, reward.reward, accelerator)  # rewardkit: Reward/FID eval
+    # rewardkit: LoRA, optimizer, normaliser, RNG and the callbacks (alarm history, FID reference)
+    start = rc.resume(accelerator, cfg, state, callbacks=callbacks)
     prompts = rc.load_prompts(cfg)  # rewardkit:
     progress = rc.progress_bar(accelerator, cfg, initial=start)  # rewardkit:
     history: list[dict[str, float]] = []
@@ -335,10 +337,15 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
         progress.update(1)
         evaluated: dict[str, float] = {}
         for callback in callbacks:  # rewardkit: every eval_every steps (None otherwise)
+            # the step's optimised reward, already averaged over ranks (so every rank records the same mean)
+            callback.record_train_reward(metrics["train/reward/mean"])
             evaluated.update(callback.maybe_evaluate(step, accelerator, model=denoiser) or {})
         history.append({"step": step, **metrics, **evaluated})
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            rc.save_checkpoint(accelerator, cfg, step, state)  # rewardkit:
+        stop = stop_requested(callbacks, step)  # rewardkit: stop_on_hacking_alarm, the same on every rank
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
+            rc.save_checkpoint(accelerator, cfg, step, state, callbacks)  # rewardkit:
+        if stop:
+            break
     progress.close()
     if history:  # one line for logs that are not a terminal; a training batch is not a held-out comparison
         logger.info("trained steps %d-%d; training-batch reward (a different random batch each step, noisy) at the "

@@ -3,9 +3,11 @@ the toy brightness reward and the tiny SD3 pipeline builder. No network."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -383,3 +385,118 @@ def test_eval_callbacks_reward_and_fid(tmp_path: Path, sd3_pipe) -> None:
     callbacks = rc.eval_callbacks(cfg, sd3_pipe, reward)
     assert isinstance(callbacks[1], FIDEvalCallback)
     assert callbacks[1].maybe_evaluate(1)["eval/fid"] >= 0
+
+
+# --- reward-hacking alarm: config -> callbacks, stop, callback state in checkpoints ------------------
+
+class _Worsening(Reward):
+    """Scores ``-n`` on its ``n``-th call: a held-out value that worsens at every evaluation."""
+
+    name = "worsening"
+    requires_prompt = False
+    differentiable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def score(self, images, prompts, **context):
+        self.calls += 1
+        return RewardOutput(torch.full((len(images),), -float(self.calls)))
+
+
+def _alarm_config(tmp_path: Path, **fields) -> _Config:
+    return _Config(output_dir=str(tmp_path), tiny=True, eval_prompts=2, eval_every=1, resolution=32,
+                   num_inference_steps=2, hacking_alarm_window=2, **fields)
+
+
+@pytest.mark.parametrize(("fields", "match"), [({"hacking_alarm_window": 1}, "0 \\(off\\) or >= 2"),
+                                               ({"hacking_alarm_window": -3}, "0 \\(off\\) or >= 2"),
+                                               ({"stop_on_hacking_alarm": True}, "needs the alarm on")])
+def test_hacking_alarm_config_is_checked(fields: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _Config(output_dir="x", **fields)
+
+
+def test_hacking_alarm_window_gives_each_callback_an_alarm_that_stops_the_run(tmp_path: Path, sd3_pipe,
+                                                                             caplog) -> None:
+    from rewardkit.integrations.hacking_alarm import RewardHackingAlarm
+    from rewardkit.integrations.recipe_models import stop_requested
+
+    off = rc.eval_callbacks(_Config(output_dir=str(tmp_path), eval_prompts=2), sd3_pipe,
+                            rk.compose({load_brightness(): 1.0}))
+    assert off[0].alarm is None and not off[0].stop_on_alarm  # the default (window 0) adds no alarm
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(reference / f"{i}.png")
+    cfg = _alarm_config(tmp_path, stop_on_hacking_alarm=True, fid_reference=str(reference))
+    callbacks = rc.eval_callbacks(cfg, sd3_pipe, rk.compose({_Worsening(): 1.0}))
+    assert [type(c.alarm) for c in callbacks] == [RewardHackingAlarm] * 2 and callbacks[0].alarm is not callbacks[1].alarm
+    assert all(c.alarm.window == 2 and c.stop_on_alarm for c in callbacks)
+    (reward_callback, _) = callbacks
+    for step, train in ((1, 0.1), (2, 0.2)):  # the optimised reward rises while the held-out one falls
+        reward_callback.record_train_reward(torch.tensor([train, train, float("nan")]))  # NaN rows left out
+        with pytest.warns(UserWarning, match="possible reward hacking") if step == 2 else contextlib.nullcontext():
+            values = reward_callback.maybe_evaluate(step)
+        assert values["eval/train_reward"] == pytest.approx(train)
+        assert values["eval/hacking_alarm"] == float(step == 2)
+        assert stop_requested(callbacks, step) is (step == 2)
+    assert "stopping at step 2" in caplog.text and "worsening_mean" in caplog.text
+
+
+def test_callback_states_survive_a_checkpoint_and_old_checkpoints_resume_fresh(tmp_path: Path, sd3_pipe,
+                                                                               accelerator, caplog) -> None:
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(reference / f"{i}.png")
+    cfg = _alarm_config(tmp_path, stop_on_hacking_alarm=True, fid_reference=str(reference))
+    callbacks = rc.eval_callbacks(cfg, sd3_pipe, rk.compose({_Worsening(): 1.0}), accelerator)
+    for step, train in ((1, 0.1), (2, 0.2)):
+        for callback in callbacks:
+            callback.record_train_reward(train)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the alarm's warning (tested above)
+                callback.maybe_evaluate(step, accelerator)
+    for callback in callbacks:
+        callback.record_train_reward([0.5, 0.7])  # recorded after the last evaluation: pending, must survive
+    # the reward callback's held-out value fell; FID of the same seeded images is flat (no alarm)
+    assert [c.should_stop for c in callbacks] == [True, False]
+    saved = [c.state_dict() for c in callbacks]
+    folder = rc.save_checkpoint(accelerator, cfg, 2, {}, callbacks)
+    assert (folder / "callbacks.pt").is_file()
+
+    resumed_cfg = dataclasses.replace(cfg, resume_from=str(folder))
+    fresh = rc.eval_callbacks(cfg, sd3_pipe, rk.compose({_Worsening(): 1.0}), accelerator)
+    assert rc.resume(accelerator, resumed_cfg, {}, callbacks=fresh) == 2
+    assert "had stopped the run on its hacking alarm; continuing" in caplog.text
+    for before, callback in zip(saved, fresh):
+        after = callback.state_dict()
+        assert not callback.should_stop and not callback.should_evaluate(2)  # done step 2 is not evaluated again
+        assert after["alarm"] == before["alarm"] and len(after["alarm"]["history"]) == 2
+        assert after["train_reward"] == pytest.approx([2.0, 1.2])  # the pending [count, sum]
+    restored = fresh[1].state_dict()["reference"]  # FID's reference, frozen at the first evaluation
+    assert restored["meta"] == saved[1]["reference"]["meta"] and restored["n"] == saved[1]["reference"]["n"] == 3
+    torch.testing.assert_close((restored["mu"], restored["sigma"]),
+                               (saved[1]["reference"]["mu"], saved[1]["reference"]["sigma"]), rtol=0, atol=0)
+
+    (folder / "callbacks.pt").unlink()  # a checkpoint written before callback states were saved
+    caplog.clear()
+    older = rc.eval_callbacks(cfg, sd3_pipe, rk.compose({_Worsening(): 1.0}), accelerator)
+    assert rc.resume(accelerator, resumed_cfg, {}, callbacks=older) == 2
+    assert "has no callbacks.pt" in caplog.text and "start fresh" in caplog.text
+    assert all(c.last_step is None and c.alarm.history == [] for c in older)
+    assert older[1].state_dict()["reference"] is None  # recomputed from the images at the next evaluation
+
+    rc.save_checkpoint(accelerator, cfg, 2, {}, callbacks)
+    no_alarm = rc.eval_callbacks(dataclasses.replace(cfg, hacking_alarm_window=0, stop_on_hacking_alarm=False),
+                                 sd3_pipe, rk.compose({_Worsening(): 1.0}), accelerator)
+    with pytest.raises(ValueError, match="alarm"):
+        rc.resume(accelerator, resumed_cfg, {}, callbacks=no_alarm)
+    with pytest.raises(ValueError, match="holds callbacks"):
+        rc.resume(accelerator, resumed_cfg, {}, callbacks=no_alarm[:1])

@@ -13,7 +13,14 @@ the ``state`` mapping a recipe passes in, plus the RNG states of every process a
   is identical on every rank (each rank updates it with the same gathered rewards), so the main process's
   copy resumes all of them.
 
-Loading is strict: a missing file, a missing or unexpected LoRA key raise ``ValueError``.
+The evaluation callbacks (``callbacks=``: ``RewardEvalCallback`` / ``FIDEvalCallback``) are saved in
+``callbacks.pt``: each one's ``state_dict()`` (last evaluated step, the hacking alarm's history, FID's
+reference frozen at the first evaluation). Their values are reduced over ranks, so they agree everywhere,
+except the training rewards recorded since the last evaluation, which are per rank: those are summed
+over ranks when saving and restored on the main process only (the alarm sums them over ranks again).
+
+Loading is strict: a missing file, a missing or unexpected LoRA key raise ``ValueError``; a checkpoint
+written before callback states were saved (no ``callbacks.pt``) resumes with a warning and fresh callbacks.
 Files are read with ``torch.load(weights_only=True)``.
 """
 
@@ -23,7 +30,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy
 import torch
@@ -35,6 +42,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_FOLDER = "checkpoints"
 _PREFIX = "checkpoint-"
 _META = "meta.json"
+CALLBACKS_FILE = "callbacks.pt"
 
 
 def checkpoint_folder(cfg: Any, step: int) -> Path:
@@ -85,7 +93,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(accelerator: Any, cfg: Any, step: int, state: Mapping[str, Any]) -> Path:
+def _callback_states(accelerator: Any, callbacks: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every callback's ``state_dict()`` with its pending training-reward ``[count, sum]`` summed over ranks
+    (one collective; every rank calls)."""
+    from rewardkit.metrics.frechet import sync_sum
+
+    states = [callback.state_dict() for callback in callbacks]
+    if states:
+        pending = torch.tensor([state["train_reward"] for state in states], dtype=torch.float64)  # (n, 2)
+        for state, total in zip(states, sync_sum(pending, accelerator).tolist()):
+            state["train_reward"] = total
+    return states
+
+
+def save_checkpoint(accelerator: Any, cfg: Any, step: int, state: Mapping[str, Any],
+                    callbacks: Sequence[Any] = ()) -> Path:
     """Save ``state`` at ``step``; call on every process (each writes its RNG state).
 
     Args:
@@ -93,6 +115,7 @@ def save_checkpoint(accelerator: Any, cfg: Any, step: int, state: Mapping[str, A
         cfg: the recipe config (``output_dir``).
         step: the optimizer step just completed.
         state: ``{name: object}``, e.g. ``{"denoiser": ..., "optimizer": ..., "reward": ...}``.
+        callbacks: the evaluation callbacks, saved in ``callbacks.pt`` (``resume(..., callbacks=)``).
 
     Returns:
         The checkpoint folder.
@@ -101,8 +124,11 @@ def save_checkpoint(accelerator: Any, cfg: Any, step: int, state: Mapping[str, A
 
     folder = checkpoint_folder(cfg, step)
     folder.mkdir(parents=True, exist_ok=True)
+    callback_states = _callback_states(accelerator, callbacks)  # a collective: before any main-only work
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if callbacks:
+            torch.save({"callbacks": callback_states}, folder / CALLBACKS_FILE)
         for name, obj in state.items():
             obj = _unwrap(accelerator, obj)
             kind = _kind(obj)
@@ -149,14 +175,40 @@ def _load_lora(obj: torch.nn.Module, path: Path) -> None:
     set_peft_model_state_dict(obj, saved)
 
 
-def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any]) -> int:
+def _load_callbacks(accelerator: Any, folder: Path, callbacks: Sequence[Any]) -> None:
+    """Restore the callbacks' states (fresh with a warning when the checkpoint predates ``callbacks.pt``)."""
+    path = folder / CALLBACKS_FILE
+    if not path.is_file():
+        logger.warning("resume: %s has no %s (written before evaluation callbacks were checkpointed); the "
+                       "evaluation callbacks start fresh: no alarm history, and an FID reference built from images "
+                       "is recomputed at the next evaluation", folder, CALLBACKS_FILE)
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)["callbacks"]
+    kinds = [type(callback).__name__ for callback in callbacks]
+    if [state.get("kind") for state in saved] != kinds:
+        raise ValueError(f"resume: {path} holds callbacks {[state.get('kind') for state in saved]}, this run built "
+                         f"{kinds}; resume with the same fid_reference and evaluation settings as the saved run")
+    for callback, state in zip(callbacks, saved):
+        if not accelerator.is_main_process:  # the saved pending training rewards are the sum over ranks
+            state = {**state, "train_reward": [0.0, 0.0]}
+        callback.load_state_dict(state)
+        if callback.should_stop:  # resuming is the user's decision to go on: the alarm decides afresh
+            logger.warning("resume: %s had stopped the run on its hacking alarm; continuing (the alarm history is "
+                           "kept, so it fires again if the trend goes on)", type(callback).__name__)
+            callback.should_stop = False
+
+
+def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> int:
     """Load ``state`` from ``cfg.resume_from`` (``"latest"`` or a folder) and return the step to continue from.
 
     Returns 0 (nothing loaded) when ``cfg.resume_from`` is unset or ``"latest"`` finds no checkpoint.
-    This process's RNG state is restored when the checkpoint has one for its rank.
+    This process's RNG state is restored when the checkpoint has one for its rank. ``callbacks`` (built
+    with the saved run's settings) get their states from ``callbacks.pt``; without that file (an older
+    checkpoint) they start fresh, with a warning.
 
     Raises:
-        ValueError: an incomplete checkpoint folder, a missing entry file, or mismatched LoRA keys.
+        ValueError: an incomplete checkpoint folder, a missing entry file, mismatched LoRA keys, or saved
+            callbacks that differ from ``callbacks`` (kinds, prompts, alarm setting).
     """
     if not cfg.resume_from:
         return 0
@@ -176,6 +228,8 @@ def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any]) -> int:
         else:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             (obj.stats if kind == "normaliser" else obj).load_state_dict(saved)
+    if callbacks:
+        _load_callbacks(accelerator, folder, callbacks)
     rng = folder / f"rng_state_{accelerator.process_index}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))

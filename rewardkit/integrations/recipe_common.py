@@ -102,6 +102,10 @@ class CommonConfig:
     eval_every: int = 50  # optimizer steps between evaluations (step 0 is not evaluated)
     eval_prompts: int = 8  # number of fixed evaluation prompts (the first ones of the prompt list)
     fid_reference: str | None = None  # FID reference: .npz statistics (`rewardkit fid-stats`) or image folder
+    # reward-hacking alarm: fires (eval/hacking_alarm = 1, a warning) when the optimised training reward rises
+    # while a held-out eval value worsens over this many evaluations (a trend fit); 0 = off, else >= 2
+    hacking_alarm_window: int = 0
+    stop_on_hacking_alarm: bool = False  # when the alarm fires: checkpoint and stop (every rank at the same step)
     log_with: str = "tensorboard"  # accelerate tracker name, or "none"
 
     # Applied with --tiny on top of the dataclass defaults only: YAML values and flags win (e.g. a recipe's toy
@@ -130,6 +134,11 @@ class CommonConfig:
                      "num_inference_steps", "checkpoint_every", "eval_every", "eval_prompts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.hacking_alarm_window == 1 or self.hacking_alarm_window < 0:
+            raise ValueError(f"config: hacking_alarm_window must be 0 (off) or >= 2 evaluations (a trend needs two), "
+                             f"got {self.hacking_alarm_window}")
+        if self.stop_on_hacking_alarm and not self.hacking_alarm_window:
+            raise ValueError("config: stop_on_hacking_alarm needs the alarm on; set hacking_alarm_window (e.g. 3)")
 
 
 def json_field(name: str, value: Any) -> dict[str, Any]:

@@ -8,13 +8,16 @@ pipelines of ``rewardkit.testing.pipelines`` and the tiny reward / FID checkpoin
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 
 __all__ = ["LORA_TARGET_MODULES", "TINY_WEIGHTS_FOLDER", "weight_dtype", "load_pipeline", "denoiser_of", "add_lora",
-           "load_tiny_shared", "build_reward", "eval_callbacks", "fid_metric"]
+           "load_tiny_shared", "build_reward", "eval_callbacks", "fid_metric", "stop_requested"]
+
+logger = logging.getLogger(__name__)
 
 # Attention projections of diffusers' UNet / SD3 / Flux attention blocks (diffusers LoRA examples).
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
@@ -131,7 +134,11 @@ def eval_callbacks(cfg: Any, pipeline: Any, reward: Any, accelerator: Any = None
     ``cfg.eval_every`` steps, on the first ``cfg.eval_prompts`` prompts with seeds ``0..N-1``; prompts from a
     ``.jsonl`` file are scored with their records as ``metadata=`` (``PromptMetadataReward``).
 
-    Call ``callback.maybe_evaluate(step, accelerator, model=denoiser)`` on every rank.
+    With ``cfg.hacking_alarm_window = N > 0`` each callback gets its own ``RewardHackingAlarm(window=N)``
+    (``stop_on_alarm=cfg.stop_on_hacking_alarm``) and logs ``eval/train_reward`` / ``eval/hacking_alarm``.
+
+    Call ``callback.record_train_reward(rewards)`` with each step's optimised rewards, then
+    ``callback.maybe_evaluate(step, accelerator, model=denoiser)`` on every rank, then ``stop_requested``.
     """
     from rewardkit.integrations.callbacks import FIDEvalCallback, RewardEvalCallback
     from rewardkit.integrations.recipe_prompts import PromptMetadataReward, load_prompts
@@ -141,12 +148,38 @@ def eval_callbacks(cfg: Any, pipeline: Any, reward: Any, accelerator: Any = None
     kwargs = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
               "height": cfg.resolution, "width": cfg.resolution, **(pipeline_kwargs or {})}
     options = {"every_n_steps": cfg.eval_every, "pipeline": pipeline, "pipeline_kwargs": kwargs}
+    window = int(getattr(cfg, "hacking_alarm_window", 0))
+
+    def alarm() -> dict[str, Any]:  # one alarm per callback: each keeps its own history
+        if not window:
+            return {}
+        from rewardkit.integrations.hacking_alarm import RewardHackingAlarm
+
+        return {"alarm": RewardHackingAlarm(window=window), "stop_on_alarm": bool(cfg.stop_on_hacking_alarm)}
+
     # a .jsonl prompt file's records reach the reward as metadata=, as in training (GenEval needs them)
     scored = PromptMetadataReward(reward, all_prompts) if all_prompts.records else reward
-    callbacks: list[Any] = [RewardEvalCallback(scored, prompts, **options)]
+    callbacks: list[Any] = [RewardEvalCallback(scored, prompts, **options, **alarm())]
     if cfg.fid_reference:
-        callbacks.append(FIDEvalCallback(fid_metric(cfg, accelerator), prompts, **_fid_reference(cfg), **options))
+        callbacks.append(FIDEvalCallback(fid_metric(cfg, accelerator), prompts, **_fid_reference(cfg), **options,
+                                         **alarm()))
     return callbacks
+
+
+def stop_requested(callbacks: Sequence[Any], step: int) -> bool:
+    """True when a callback's hacking alarm asked to stop (``stop_on_hacking_alarm``); logs which and why.
+
+    The callbacks decide on values reduced over every rank, so every rank returns the same answer at the
+    same step: the recipes then checkpoint and leave the loop together (no rank waits in a collective).
+    """
+    stopping = [callback for callback in callbacks if getattr(callback, "should_stop", False)]
+    for callback in stopping:
+        alarm = callback.alarm
+        logger.warning("stopping at step %d (stop_on_hacking_alarm): %s's alarm fired on %s; the training reward "
+                       "rose over the last %d evaluations while these held-out values worsened", step,
+                       type(callback).__name__, alarm.last or (alarm.fired[-1]["keys"] if alarm.fired else "?"),
+                       alarm.window)
+    return bool(stopping)
 
 
 def fid_metric(cfg: Any, accelerator: Any) -> Any:
