@@ -10,7 +10,9 @@ steps over the recorded steps. The advantages come from ddpo-pytorch's per-promp
 (``train/zero_std_ratio``, ``train/group_std_mean``), the correlation of every two reward parts
 (``train/part_corr/<a>_vs_<b>``), loss, approx-KL, clip fraction and
 the mean ratio (1 on the first inner epoch: a check that sampling and training compute the same policy),
-plus the periodic evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``).
+plus the periodic evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``) and, with
+``hacking_alarm_window``, the reward-hacking alarm (``stop_on_hacking_alarm`` stops at the end of the sampling
+epoch). A ``.jsonl`` prompt file's records reach the reward as ``metadata=`` (GenEval), in training and evaluation.
 
 Launch (real model; every size is in the YAML):
 

@@ -9,7 +9,8 @@ the same noise and timestep, and applies the DPO loss to the trained model's ver
 reference's denoising errors. The reference is the same UNet with its LoRA adapters disabled (the
 diffusers example). Logged: loss, implicit accuracy, the reward margin of the pairs, the implicit reward
 margin, model / reference MSE, the fraction of valid pairs, total and per-part rewards, and the periodic
-evaluation callbacks.
+evaluation callbacks (with ``hacking_alarm_window``: the reward-hacking alarm, fed the labelling reward). A
+``.jsonl`` prompt file's records reach the reward as ``metadata=`` (GenEval), in training and evaluation.
 
 Launch (real model; every size is in the YAML):
 

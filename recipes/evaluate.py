@@ -6,6 +6,7 @@ scores each with every reward of the config (the composed total and each part), 
 metrics against a reference (``.npz`` statistics from ``rewardkit fid-stats`` or an image folder), and
 writes ``results.json``, ``scores.csv`` and ``report.html`` (grid, histograms, summary, training curve)
 into ``output_dir``. A summary table is printed at the end. Metrics and rewards come from the config.
+A ``.jsonl`` prompt file's records (flow_grpo's GenEval files) reach the rewards as ``metadata=``.
 
 Launch (real models; references made once with ``rewardkit fid-stats REF_DIR --out ref.npz --features``):
 
@@ -76,21 +77,33 @@ class EvalConfig(rc.CommonConfig):
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def load_prompt_rows(cfg: EvalConfig) -> tuple[list[str], list[int]]:
-    """The flat (prompt, seed) rows: every prompt ``seeds_per_prompt`` times, prompt-major."""
-    if cfg.prompt_file is None:
-        prompts = rc.load_prompts(cfg)  # rewardkit: cfg.prompts .txt or BUILTIN_PROMPTS
-    else:
+def load_prompt_rows(cfg: EvalConfig) -> tuple[rc.PromptList, list[int]]:
+    """The flat (prompt, seed) rows: every prompt ``seeds_per_prompt`` times, prompt-major.
+
+    Prompts come from ``prompt_file`` (else ``prompts`` or the built-in set) through ``load_prompts``: a
+    ``.jsonl`` file's records stay with their prompts (``rows.metadata_for``), so rewards that need them
+    (GenEval) are scored with ``metadata=``.
+    """
+    if cfg.prompt_file is not None:
         path = Path(cfg.prompt_file)
         if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
             raise ValueError(f"config: prompt_file must be an existing .txt or .jsonl file, got {cfg.prompt_file!r}")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
-    prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
-    if not prompts:
+    source = cfg if cfg.prompt_file is None else dataclasses.replace(cfg, prompts=cfg.prompt_file)
+    prompts = rc.load_prompts(source)  # rewardkit: .txt / .jsonl (with records) or BUILTIN_PROMPTS
+    chosen = prompts[: cfg.num_prompts] if cfg.num_prompts else list(prompts)
+    if not chosen:
         raise ValueError("config: the prompt set is empty")
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds_per_prompt)
-    return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
+    return rc.PromptList([p for p in chosen for _ in seeds], prompts.records), [s for _ in chosen for s in seeds]
+
+
+class MetadataReward(rc.PromptMetadataReward):
+    """``PromptMetadataReward`` that also shows ``run_evaluation`` the reward's ``stateful`` flag, so a z-score
+    composition is scored with its statistics frozen (``update_stats=False``) as without metadata."""
+
+    @property
+    def stateful(self) -> bool:
+        return bool(getattr(self.reward, "stateful", False))
 
 
 def load_lora(cfg: EvalConfig, pipe: Any) -> int | None:
@@ -227,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     call_kwargs = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
                    "height": cfg.resolution, "width": cfg.resolution}
     image_dir = Path(cfg.output_dir) / "images" if cfg.save_images else None
-    result = run_evaluation(pipe, prompts, seeds, {"reward": reward}, set_metrics,  # rewardkit: sharded, reduced
+    scored = MetadataReward(reward, prompts) if prompts.records else reward  # rewardkit: .jsonl records as metadata=
+    result = run_evaluation(pipe, prompts, seeds, {"reward": scored}, set_metrics,  # rewardkit: sharded, reduced
                             accelerator=accelerator, references=references, batch_size=cfg.train_batch_size,
                             call_kwargs=call_kwargs, image_dir=image_dir)
     write_outputs(cfg, accelerator, result, step)

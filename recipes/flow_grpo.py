@@ -12,7 +12,9 @@ clears it every epoch; saved in checkpoints). Logged: total and per-part rewards
 (``train/zero_std_ratio``, ``train/group_std_mean``; ``train/frac_reward_zero_std`` is TRL's name for the
 first), the correlation of every two reward parts (``train/part_corr/<a>_vs_<b>``), loss, policy loss, KL,
 approx-KL, clip fraction and the mean ratio (exactly 1 on the first inner epoch: sampling and training compute the same
-policy), plus the evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``).
+policy), plus the evaluation callbacks (rewards on fixed prompts; FID with ``fid_reference``) and, with
+``hacking_alarm_window``, the reward-hacking alarm (``eval/hacking_alarm``; ``stop_on_hacking_alarm`` checkpoints
+and stops).
 
 Tasks (one config each, flow_grpo ``config/grpo.py``): ``flow_grpo.yaml`` (PickScore), ``flow_grpo_ocr.yaml``
 (visual text: the ``ocr`` reward) and ``flow_grpo_geneval.yaml`` (GenEval: the ``geneval`` reward).
@@ -324,7 +326,7 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
         evaluate(cfg, accelerator, models, callbacks, done, rollouts)
         stop = stop_requested(callbacks, done)  # rewardkit: stop_on_hacking_alarm (the same on every rank)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stop:
-            rc.save_checkpoint(accelerator, cfg, done, state, callbacks)  # rewardkit: every checkpoint_every, at the end
+            rc.save_checkpoint(accelerator, cfg, done, state, callbacks)  # rewardkit: periodic, final, on a stop
         if stop:
             break
     progress.close()

@@ -434,7 +434,8 @@ def test_hacking_alarm_window_gives_each_callback_an_alarm_that_stops_the_run(tm
         Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(reference / f"{i}.png")
     cfg = _alarm_config(tmp_path, stop_on_hacking_alarm=True, fid_reference=str(reference))
     callbacks = rc.eval_callbacks(cfg, sd3_pipe, rk.compose({_Worsening(): 1.0}))
-    assert [type(c.alarm) for c in callbacks] == [RewardHackingAlarm] * 2 and callbacks[0].alarm is not callbacks[1].alarm
+    assert [type(c.alarm) for c in callbacks] == [RewardHackingAlarm] * 2
+    assert callbacks[0].alarm is not callbacks[1].alarm  # each keeps its own history
     assert all(c.alarm.window == 2 and c.stop_on_alarm for c in callbacks)
     (reward_callback, _) = callbacks
     for step, train in ((1, 0.1), (2, 0.2)):  # the optimised reward rises while the held-out one falls
@@ -500,3 +501,28 @@ def test_callback_states_survive_a_checkpoint_and_old_checkpoints_resume_fresh(t
         rc.resume(accelerator, resumed_cfg, {}, callbacks=no_alarm)
     with pytest.raises(ValueError, match="holds callbacks"):
         rc.resume(accelerator, resumed_cfg, {}, callbacks=no_alarm[:1])
+
+
+def test_evaluate_recipe_scores_jsonl_prompts_with_their_records(tmp_path: Path, sd3_pipe) -> None:
+    """recipes/evaluate.py: .jsonl rows reach the reward as metadata= through run_evaluation; a z-score
+    composition's statistics stay frozen; a .txt file gives plain prompt rows without records."""
+    from recipe_harness import import_recipe
+    from rewardkit.integrations.evaluation import run_evaluation
+
+    evaluate = import_recipe("evaluate")
+    path = _write_jsonl(tmp_path / "geneval.jsonl", GENEVAL_ROWS)
+    cfg = rc.parse_config(evaluate.EvalConfig, ["--output_dir", str(tmp_path), "--prompt_file", str(path),
+                                                "--seeds_per_prompt", "2", "--rewards", '{"pickscore": 1.0}'])
+    prompts, seeds = evaluate.load_prompt_rows(cfg)
+    assert prompts.metadata_for(prompts) == [row for row in GENEVAL_ROWS for _ in range(2)] and seeds == [0, 1, 0, 1]
+    total = rk.compose({_RecordLength(): 1.0}, normalize="zscore")
+    before = {k: v.clone() for k, v in total.state_dict().items()}
+    result = run_evaluation(sd3_pipe, prompts, seeds, {"reward": evaluate.MetadataReward(total, prompts)},
+                            call_kwargs={"num_inference_steps": 2, "height": 32, "width": 32})
+    lengths = [float(len(row["prompt"])) for row in GENEVAL_ROWS for _ in range(2)]
+    assert [row["record_length"] for row in result.rows] == lengths  # NaN without metadata=
+    assert all(torch.equal(before[k], v) for k, v in total.state_dict().items())
+    (tmp_path / "p.txt").write_text("one\n two \n\nthree\n")
+    txt = dataclasses.replace(cfg, prompt_file=str(tmp_path / "p.txt"), seeds_per_prompt=1)
+    rows, _ = evaluate.load_prompt_rows(txt)
+    assert rows == ["one", "two", "three"] and not rows.records

@@ -81,11 +81,15 @@ def _assert_run_artefacts(output_dir: Path, step: int, processes: int) -> None:
 
 
 def test_one_process_draft_launch_trains_logs_evaluates_and_checkpoints(tmp_path):
-    done = _launch(tmp_path, 1, "--max_steps", "2")
+    done = _launch(tmp_path, 1, "--max_steps", "2", "--hacking_alarm_window", "2")
     assert "held-out eval reward: " in done.stderr and "on 2 fixed prompts x seeds (step 0 -> 2)" in done.stderr
     _assert_run_artefacts(tmp_path, 2, processes=1)
     (run,) = scalar_events(tmp_path)
     assert TRAIN_KEYS | EVAL_KEYS <= set(run), sorted(run)
+    # the hacking alarm is on: one evaluation cannot make a 2-evaluation trend, so it logs "not fired"; the
+    # training reward it saw is the mean of the two steps' optimised rewards; callback states are checkpointed
+    assert run["eval/hacking_alarm"] == [(2, 0.0)] and (checkpoint_dir(tmp_path, 2) / "callbacks.pt").is_file()
+    assert run["eval/train_reward"][0][1] == pytest.approx(sum(v for _, v in run["train/reward/mean"]) / 2, rel=1e-5)
     assert [step for step, _ in run["train/loss"]] == [1, 2]
     assert [value for _, value in run["train/num_grad_steps"]] == [1.0, 1.0]  # DRaFT-K with K=1
     results = json.loads((tmp_path / "report" / "results.json").read_text())
