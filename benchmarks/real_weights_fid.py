@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 CROP = 299
 
@@ -159,7 +162,7 @@ def main() -> None:
         feature_gap, feature_max = bf16_features(ts, sets)
     exact = rows[0][2]
     lines = [f"# FID with real weights ({args.per_set} + {args.per_set} images, 299x299 photo crops)", "",
-             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, CPU.", "",
+             *[f"- {line}" for line in describe()], "",
              "| preset | reference (its own features and sqrtm) | rewardkit FID | reference FID | relative Δ |",
              "|---|---|---|---|---|"]
     lines += [f"| {p} | {n} | {o:.6f} | {t:.6f} | {d:.2e} |" for p, n, o, t, d, _ in rows]
