@@ -8,13 +8,15 @@ On a Ray cluster (joins it; Ray places the replicas)::
 
     rewardkit serve pickscore --address auto --replicas 4 --num-gpus 0.5 --host 0.0.0.0
 
-Runs until interrupted (Ctrl-C), then removes its application (and stops the Ray it started).
+Runs until interrupted (Ctrl-C or SIGTERM), then removes its application (and stops the Ray it started).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 import time
 from typing import Any
 
@@ -71,6 +73,10 @@ def run_serve(args: argparse.Namespace, *, wait: bool = True) -> str:
     spec = ServeSpec(args.reward, tiny=args.tiny, weights=args.weights, dtype=args.dtype, device=args.device)
     own_ray = args.address is None
     ray.init(address=args.address, include_dashboard=False if own_ray else None, log_to_driver=False)
+    if wait and threading.current_thread() is threading.main_thread():
+        # After ray.init, which installs its own (aborting) handler: SIGTERM (kill, docker stop, a background
+        # job whose SIGINT the shell ignores) stops the server cleanly, like Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(spec, options), name=args.name, route_prefix=args.route_prefix)
@@ -84,6 +90,10 @@ def run_serve(args: argparse.Namespace, *, wait: bool = True) -> str:
     finally:
         if wait:
             _stop(args.name, own_ray)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _stop(name: str, own_ray: bool) -> None:

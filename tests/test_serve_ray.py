@@ -148,7 +148,7 @@ def test_yaml_composition_and_dynamic_batching(cluster, tmp_path: Path) -> None:
         serve.delete("total")
 
 
-def test_cli_serve_joins_the_cluster_and_stops_on_interrupt(cluster) -> None:
+def test_cli_serve_joins_the_cluster_and_stops_on_sigterm(cluster) -> None:
     from ray import serve
 
     base, address = cluster
@@ -175,7 +175,7 @@ def test_cli_serve_joins_the_cluster_and_stops_on_interrupt(cluster) -> None:
         scores = rk.load("jpeg-compressibility", server=url)(images)
         assert scores.tolist() == rk.load("jpeg-compressibility")(images).tolist()
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # as `kill` / docker stop would
         process.wait(timeout=120)
         reader.join(timeout=30)
     output = "".join(lines)

@@ -81,9 +81,14 @@ def load_served_reward(spec: ServeSpec) -> Any:
 
 
 def _tiny_root() -> str:
+    """A temporary folder for --tiny checkpoints, removed when the replica process exits."""
+    import atexit
+    import shutil
     import tempfile
 
-    return tempfile.mkdtemp(prefix="rewardkit-serve-tiny-")
+    root = tempfile.mkdtemp(prefix="rewardkit-serve-tiny-")
+    atexit.register(shutil.rmtree, root, True)
+    return root
 
 
 def _reward_device(reward: Any) -> torch.device:
