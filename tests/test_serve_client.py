@@ -255,8 +255,8 @@ def test_several_urls_spread_fail_over_and_rank(pickscore, servers) -> None:
 
 def test_concurrent_clients_slow_server_nothing_lost(pickscore, servers) -> None:
     """N client threads x M calls over a fast and a slow server: every row scored or NaN with a reason."""
-    fast, slow = servers(pickscore), servers(pickscore, delay=1.5)
-    remote = rk.load("pickscore", server=[slow.url, fast.url], batch_size=2, timeout=0.5, retries=2, backoff=0.0)
+    fast, slow = servers(pickscore), servers(pickscore, delay=4.0)  # margins for a busy 2-core runner
+    remote = rk.load("pickscore", server=[slow.url, fast.url], batch_size=2, timeout=2.0, retries=2, backoff=0.0)
     images, prompts = random_images(4, 32, 32, seed=7), ["a", "b", "c", "d"]
     expected = pickscore(images, prompts)
     with ThreadPoolExecutor(4) as pool:

@@ -65,6 +65,16 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    """Same rows, keys and order; scores equal up to float32 rounding (a Ray actor may run torch on another
+    number of threads than this process; the outputs were byte-identical on the 2-core runner)."""
+    assert [list(r) for r in got] == [list(r) for r in want]
+    assert [(r["image"], r["prompt"]) for r in got] == [(r["image"], r["prompt"]) for r in want]
+    for row, expected in zip(got, want):
+        for name in NAMES:
+            assert math.isclose(row[name], expected[name], rel_tol=1e-6, abs_tol=1e-7), (row, expected)
+
+
 def test_shard_readers_agree_with_the_folder(inputs) -> None:
     files = sorted(inputs["folder"].iterdir())
     shards = plan_shards(files, None, [inputs["parquet"], inputs["tar"]], shard_size=4)
@@ -83,14 +93,15 @@ def test_ray_engine_writes_the_local_rows_and_resumes(ray_instance, inputs, tmp_
     assert main([*common, "--images", str(inputs["folder"]), "--out", str(local_out)]) == 0
     ray_args = [*common, "--images", str(inputs["folder"]), "--engine", "ray", "--shard-size", "4"]
     assert main([*ray_args, "--out", str(ray_out)]) == 0
-    assert ray_out.read_text() == local_out.read_text()  # same rows, same batches: byte-identical output
+    _assert_same_rows(_rows(ray_out), _rows(local_out))
     shard_dir = tmp_path / "ray.jsonl.shards"
     shard_files = sorted(shard_dir.glob("files-*.jsonl"))
     assert len(shard_files) == 3
     shard_files[1].unlink()  # as if the run had been killed before this shard finished
     before = {p: p.stat().st_mtime_ns for p in (shard_files[0], shard_files[2])}
     assert main([*ray_args, "--out", str(ray_out)]) == 0
-    assert ray_out.read_text() == local_out.read_text() and shard_files[1].exists()
+    _assert_same_rows(_rows(ray_out), _rows(local_out))
+    assert shard_files[1].exists()
     assert {p: p.stat().st_mtime_ns for p in before} == before  # finished shards were skipped
 
 
