@@ -60,17 +60,19 @@ def run_serve(args: argparse.Namespace, *, wait: bool = True) -> str:
     """Deploy, print the URL and (with ``wait``) block until interrupted; returns the base URL."""
     from rewardkit.serve.wsgi import check_pickle_host
 
-    check_pickle_host(args.host, args.pickle, args.pickle_on_network)  # before Ray starts
+    from rewardkit.serve.core import ServeSpec, check_spec
+
+    check_pickle_host(args.host, args.pickle, args.pickle_on_network)  # all checks before Ray starts
+    spec = ServeSpec(args.reward, tiny=args.tiny, weights=args.weights, dtype=args.dtype, device=args.device)
+    check_spec(spec)
     import ray
     from ray import serve
 
-    from rewardkit.serve.core import ServeSpec
     from rewardkit.serve.deployment import DeploymentOptions, build_app
 
     options = DeploymentOptions(replicas=args.replicas, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
                                 max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
                                 max_ongoing_requests=args.max_ongoing, allow_pickle=args.pickle)
-    spec = ServeSpec(args.reward, tiny=args.tiny, weights=args.weights, dtype=args.dtype, device=args.device)
     own_ray = args.address is None
     ray.init(address=args.address, include_dashboard=False if own_ray else None, log_to_driver=False)
     if wait and threading.current_thread() is threading.main_thread():

@@ -105,6 +105,10 @@ def test_wire_roundtrip_carries_prompts_context_and_mixed_sizes() -> None:
     assert torch.equal(torch.stack(batch.images), images)  # safetensors: exact float32
     with pytest.raises(WireError, match="Content-Type"):
         decode_request(body, "text/plain")
+    from safetensors.torch import save
+
+    with pytest.raises(WireError, match=r"\[0, 1\]"):  # checked at the door (HTTP 400), not in the model
+        decode_request(save({"images": images * 2}), kind)
     as_json, json_kind = encode_request(images, ["a", "b"], fmt="json")
     assert decode_request(as_json, json_kind).prompts == ["a", "b"]
     with pytest.raises(WireError, match="prompts"):
@@ -269,6 +273,14 @@ def test_concurrent_clients_slow_server_nothing_lost(pickscore, servers) -> None
     assert slow.count > 0 and all(torch.isfinite(o.scores).all() for o in outs)  # timed out there, answered here
 
 
-def test_cli_refuses_pickle_on_a_network_address(capsys) -> None:
+def test_cli_serve_checks_before_starting_ray(capsys, tmp_path) -> None:
     assert main(["serve", JPEG, "--pickle", "--host", "0.0.0.0"]) == 2
     assert "--pickle-on-network" in capsys.readouterr().err
+    assert main(["serve", "pikscore"]) == 2 and "did you mean 'pickscore'" in capsys.readouterr().err
+    assert main(["serve", "fid"]) == 2 and "distribution" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing.yaml")]) == 2 and "no such YAML" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("- pickscore\n")
+    assert main(["serve", str(tmp_path / "bad.yaml")]) == 2 and "rewards:" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()

@@ -20,7 +20,7 @@ import torch
 
 from rewardkit.serve.wire import Batch, Scored, WireError
 
-__all__ = ["ServeSpec", "ScoringCore", "load_served_reward"]
+__all__ = ["ServeSpec", "ScoringCore", "load_served_reward", "check_spec"]
 
 logger = logging.getLogger(__name__)
 _SPEC_SUFFIXES = (".yaml", ".yml")
@@ -46,6 +46,23 @@ class ServeSpec:
     dtype: str | None = None
     device: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def check_spec(spec: ServeSpec) -> None:
+    """Fail fast, before Ray starts: an unknown reward, a missing or malformed YAML spec, options a spec ignores."""
+    if spec.reward.endswith(_SPEC_SUFFIXES):
+        if spec.weights is not None or spec.dtype is not None or spec.options:
+            raise ValueError(f"{spec.reward}: a YAML composition carries its own options (load_options:); drop "
+                             "--weights / --dtype")
+        if not Path(spec.reward).is_file():
+            raise FileNotFoundError(f"{spec.reward}: no such YAML spec")
+        _load_yaml_spec(Path(spec.reward))
+    elif ":" not in spec.reward:
+        from rewardkit.registry import get_entry
+
+        entry = get_entry(spec.reward)  # KeyError with close matches
+        if entry.kind != "reward":
+            raise ValueError(f"{spec.reward} is a {entry.kind} metric (update/compute); only per-image rewards are served")
 
 
 def _load_yaml_spec(path: Path) -> dict[str, Any]:

@@ -163,6 +163,8 @@ def decode_request(body: bytes, content_type: str | None) -> Batch:
         images = tensors.get("images")
         if images is None or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise WireError("safetensors body: expected a float tensor 'images' (B, 3, H, W)")
+        if images.numel() and not (images.min() >= 0 and images.max() <= 1):  # NaN fails both comparisons
+            raise WireError("safetensors body: image values must lie in [0, 1]")
         rows = list(images.float().unbind(0))
     elif kind == JSON:
         try:
