@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import rewardkit as rk  # noqa: E402
 from bench_clip_rewards import PROMPTS, Arch, machine_description, write_checkpoint  # noqa: E402
 from rewardkit.integrations.async_scoring import AsyncRewardScorer  # noqa: E402
-from rewardkit.integrations.backprop import reward_loss, saved_activations  # noqa: E402
+from rewardkit.training.backprop import reward_loss, saved_activations  # noqa: E402
 
 SIZES = {
     "medium": Arch(224, 32, 384, 6, 6, 256, 4, 4, 256),  # ~1/10 of ViT-B/16's image-tower compute

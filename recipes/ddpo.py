@@ -36,13 +36,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from rewardkit.integrations.ddim_logprob import (  # rewardkit: DDIM log-probs and the PPO objective
+from rewardkit.training.ddim_logprob import (  # rewardkit: DDIM log-probs and the PPO objective
     ppo_clipped_loss,
     sample_with_logprob,
     step_logprob,
 )
-from rewardkit.integrations.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
-from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe support
+from rewardkit.training.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
+from rewardkit.recipe_support.common import (  # rewardkit: shared recipe support
     CommonConfig,
     PromptList,
     add_lora,
@@ -63,8 +63,8 @@ from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe s
     weight_dtype,
     write_config,
 )
-from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
-from rewardkit.integrations.trackers import tracker_for  # rewardkit: per-prompt stat trackers (ddpo, flow_grpo)
+from rewardkit.recipe_support.models import stop_requested  # rewardkit: stop_on_hacking_alarm
+from rewardkit.training.trackers import tracker_for  # rewardkit: per-prompt stat trackers (ddpo, flow_grpo)
 
 # Two parts, so per-part logging is exercised.
 TINY_REWARDS = {"rewardkit.testing.toy_rewards:load_brightness": 1.0, "hpsv2": 0.5}

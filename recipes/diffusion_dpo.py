@@ -34,13 +34,13 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from rewardkit.integrations.generation import generate_images  # rewardkit: seeded generation, one seed per image
-from rewardkit.integrations.preference import (  # rewardkit: pair labelling and the DPO loss
+from rewardkit.training.preference import (  # rewardkit: pair labelling and the DPO loss
     diffusion_dpo_loss,
     label_pairs,
     per_sample_mse,
 )
-from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
-from rewardkit.integrations.recipe_common import (  # rewardkit: shared recipe support
+from rewardkit.recipe_support.models import stop_requested  # rewardkit: stop_on_hacking_alarm
+from rewardkit.recipe_support.common import (  # rewardkit: shared recipe support
     CommonConfig,
     PromptList,
     add_lora,

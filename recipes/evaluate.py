@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rewardkit.integrations import recipe_common as rc  # rewardkit: shared recipe support
+from rewardkit.recipe_support import common as rc  # rewardkit: shared recipe support
 
 PROJECT = "rewardkit-evaluate"
-LORA_SUFFIX = ".lora.safetensors"  # rewardkit.integrations.recipe_checkpoint's adapter files
+LORA_SUFFIX = ".lora.safetensors"  # rewardkit.recipe_support.checkpoint's adapter files
 TINY_REFERENCE_IMAGES = 12  # random smooth images written as the --tiny reference folder
 TINY_FEATURE_DIM = 16  # rewardkit.testing.PixelFeatures width for --tiny FID / KID
 

@@ -2,7 +2,7 @@
 
 Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL" (yifan123/flow_grpo,
 ``scripts/train_sd3.py``). Each step samples ``group_size`` images per prompt with the SDE step of
-``rewardkit.integrations.flow_logprob`` (log-probs recorded in float32; the group of a prompt spans
+``rewardkit.training.flow_logprob`` (log-probs recorded in float32; the group of a prompt spans
 processes), scores them with the composed reward from the config, turns the scores into group-relative
 advantages over the gathered batch, and takes ``num_inner_epochs`` PPO-clipped optimizer steps over the
 recorded transitions, optionally with a KL penalty to the base model (the LoRA adapters disabled).
@@ -57,16 +57,16 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
-from rewardkit.integrations import recipe_common as rc  # rewardkit: shared recipe support
-from rewardkit.integrations.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
-from rewardkit.integrations.flow_logprob import (  # rewardkit: Flow-GRPO SDE step with log-probs
+from rewardkit.recipe_support import common as rc  # rewardkit: shared recipe support
+from rewardkit.training.group_signals import advantages_with_signals  # rewardkit: advantages + saturation
+from rewardkit.training.flow_logprob import (  # rewardkit: Flow-GRPO SDE step with log-probs
     FlowTrajectory,
     gaussian_kl,
     sample_with_logprob,
     step_log_prob,
 )
-from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
-from rewardkit.integrations.trackers import tracker_for  # rewardkit: per-prompt stat trackers (flow_grpo, ddpo)
+from rewardkit.recipe_support.models import stop_requested  # rewardkit: stop_on_hacking_alarm
+from rewardkit.training.trackers import tracker_for  # rewardkit: per-prompt stat trackers (flow_grpo, ddpo)
 
 PROJECT = "flow_grpo"
 # flow_grpo scripts/train_sd3.py: LoRA on the joint attention's image and text projections.

@@ -61,10 +61,10 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
-from rewardkit.integrations import recipe_common as rc  # rewardkit:
-from rewardkit.integrations.backprop import reward_loss  # rewardkit:
-from rewardkit.integrations.recipe_models import stop_requested  # rewardkit: stop_on_hacking_alarm
-from rewardkit.integrations.truncated_sampling import draw_num_grad_steps, truncated_sample  # rewardkit:
+from rewardkit.recipe_support import common as rc  # rewardkit:
+from rewardkit.training.backprop import reward_loss  # rewardkit:
+from rewardkit.recipe_support.models import stop_requested  # rewardkit: stop_on_hacking_alarm
+from rewardkit.training.truncated_sampling import draw_num_grad_steps, truncated_sample  # rewardkit:
 
 logger = logging.getLogger("reward_backprop")
 

@@ -1,4 +1,4 @@
-"""Tests of rewardkit.integrations.ddim_logprob: DDIM steps with log-probs and the recording sampler."""
+"""Tests of rewardkit.training.ddim_logprob: DDIM steps with log-probs and the recording sampler."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rewardkit.integrations.ddim_logprob import (
+from rewardkit.training.ddim_logprob import (
     ddim_mean_std,
     ddim_step_with_logprob,
     gaussian_logprob,

@@ -1,4 +1,4 @@
-"""Tests of rewardkit/integrations/flow_logprob.py: Flow-GRPO's SDE step with log-probabilities."""
+"""Tests of rewardkit/training/flow_logprob.py: Flow-GRPO's SDE step with log-probabilities."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from rewardkit.integrations import flow_logprob as fl
+from rewardkit.training import flow_logprob as fl
 
 SIGMAS = torch.tensor([1.0, 0.9, 0.6, 0.3, 0.0])  # a flow-matching schedule: 1 -> 0, N + 1 = 5 values
 

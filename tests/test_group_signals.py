@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewardkit.integrations.group_signals import group_signals, part_correlations
+from rewardkit.training.group_signals import group_signals, part_correlations
 
 
 def _flow_grpo_signals(prompts: list[str], rewards: np.ndarray) -> tuple[float, float]:
@@ -66,9 +66,9 @@ def test_part_correlations() -> None:
 
 
 def test_advantages_with_signals_is_tracker_or_stateless_plus_signals() -> None:
-    from rewardkit.integrations.advantages import group_advantages
-    from rewardkit.integrations.group_signals import advantages_with_signals
-    from rewardkit.integrations.trackers import PerPromptStatTracker
+    from rewardkit.training.advantages import group_advantages
+    from rewardkit.training.group_signals import advantages_with_signals
+    from rewardkit.training.trackers import PerPromptStatTracker
 
     scores, prompts = torch.tensor([1.0, 3.0, 2.0, 2.0]), ["a", "a", "b", "b"]
     parts = {"x": torch.tensor([1.0, 2.0, 3.0, 4.0]), "y": torch.tensor([4.0, 3.0, 2.0, 1.0])}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rewardkit as rk
-from rewardkit.integrations.groupwise import edit_pairwise_judge, pairwise_win_rates
+from rewardkit.training.groupwise import edit_pairwise_judge, pairwise_win_rates
 from rewardkit.vlm.requests import Completion
 
 BROKEN = 0.0  # images whose first pixel is exactly 0 cannot be judged by the toy judge

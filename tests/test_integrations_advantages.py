@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewardkit.integrations.advantages import group_advantages, per_prompt_advantages
+from rewardkit.training.advantages import group_advantages, per_prompt_advantages
 
 SCORES = [1.0, 2.0, 3.0, 10.0, 20.0, float("nan"), 4.0, 30.0]
 PROMPTS = ["a", "a", "a", "b", "b", "b", "a", "b"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import rewardkit.testing as rkt
 from rewardkit.compose import compose
-from rewardkit.integrations.backprop import (
+from rewardkit.training.backprop import (
     find_checkpoint_blocks,
     gradient_checkpointing,
     reward_loss,

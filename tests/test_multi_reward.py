@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from rewardkit.integrations.multi_reward import multi_reward_advantages
+from rewardkit.training.multi_reward import multi_reward_advantages
 
 G = 4  # images per prompt
 PROMPTS = [p for p in ("cat", "dog", "owl") for _ in range(G)]  # contiguous groups, as the upstream samplers

@@ -1,4 +1,4 @@
-"""Tests of rewardkit.integrations.preference: pair labelling policy and the Diffusion-DPO loss."""
+"""Tests of rewardkit.training.preference: pair labelling policy and the Diffusion-DPO loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rewardkit.integrations.preference import diffusion_dpo_loss, label_pairs, per_sample_mse
+from rewardkit.training.preference import diffusion_dpo_loss, label_pairs, per_sample_mse
 
 NAN = float("nan")
 LOSS_ATOL = 1e-6  # float32 arithmetic on values of order 1

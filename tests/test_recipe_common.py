@@ -1,4 +1,4 @@
-"""Tests of the recipe support module (rewardkit/integrations/recipe_common.py, recipe_checkpoint.py),
+"""Tests of the recipe support module (rewardkit/recipe_support/common.py, checkpoint.py),
 the toy brightness reward and the tiny SD3 pipeline builder. No network."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rewardkit as rk
-from rewardkit.integrations import recipe_common as rc
+from rewardkit.recipe_support import common as rc
 from rewardkit.protocols import Reward, RewardOutput
 from rewardkit.testing.toy_rewards import MeanBrightness, load_brightness
 
@@ -421,7 +421,7 @@ def test_hacking_alarm_config_is_checked(fields: dict, match: str) -> None:
 def test_hacking_alarm_window_gives_each_callback_an_alarm_that_stops_the_run(tmp_path: Path, sd3_pipe,
                                                                              caplog) -> None:
     from rewardkit.integrations.hacking_alarm import RewardHackingAlarm
-    from rewardkit.integrations.recipe_models import stop_requested
+    from rewardkit.recipe_support.models import stop_requested
 
     off = rc.eval_callbacks(_Config(output_dir=str(tmp_path), eval_prompts=2), sd3_pipe,
                             rk.compose({load_brightness(): 1.0}))

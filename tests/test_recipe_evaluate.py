@@ -44,7 +44,7 @@ def _lora_pipeline(checkpoint: Path):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from rewardkit.integrations.recipe_common import add_lora
+    from rewardkit.recipe_support.common import add_lora
     from rewardkit.testing.pipelines import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=0)

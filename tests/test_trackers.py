@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewardkit.integrations.advantages import per_prompt_advantages
-from rewardkit.integrations.trackers import PerPromptStatTracker
+from rewardkit.training.advantages import per_prompt_advantages
+from rewardkit.training.trackers import PerPromptStatTracker
 
 
 class _DdpoUpstream:
@@ -177,7 +177,7 @@ def test_two_processes_update_identically_and_equal_one_process(run_two_processe
 
 
 def test_tracker_for_maps_the_recipe_config_and_refuses_impossible_pairs() -> None:
-    from rewardkit.integrations.trackers import tracker_for
+    from rewardkit.training.trackers import tracker_for
 
     assert tracker_for("none", "none") is None
     ddpo = tracker_for("ddpo", "group", buffer_size=4, min_count=2)

@@ -1,4 +1,4 @@
-"""Tests for rewardkit.integrations.truncated_sampling (DRaFT-K / AlignProp truncated backprop)."""
+"""Tests for rewardkit.training.truncated_sampling (DRaFT-K / AlignProp truncated backprop)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rewardkit.integrations.backprop import saved_activations
-from rewardkit.integrations.truncated_sampling import draw_num_grad_steps, truncated_sample
+from rewardkit.training.backprop import saved_activations
+from rewardkit.training.truncated_sampling import draw_num_grad_steps, truncated_sample
 from rewardkit.testing.pipelines import TINY_PIPELINE_SIZE as SIZE, tiny_sd3_pipeline, tiny_sd_pipeline
 
 PROMPTS = ["a red cat", "a blue dog"]

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from rewardkit.integrations.advantages import per_prompt_advantages
+from rewardkit.training.advantages import per_prompt_advantages
 
 # The global batch of the single-process test, split unevenly across the two ranks (3 + 5 rows).
 SCORES = [1.0, 2.0, 3.0, 10.0, 20.0, float("nan"), 4.0, 30.0]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rewardkit.integrations.trackers import PerPromptStatTracker
+from rewardkit.training.trackers import PerPromptStatTracker
 
 
 def _batches(n_batches: int, seed: int, group: int = 4, n_prompts: int = 3, pool: int = 5):

@@ -1,5 +1,5 @@
 """Models of the ``recipes/``: pipeline, LoRA, composed reward, evaluation callbacks (re-exported by
-``recipe_common``, which documents the recipe conventions and sources).
+``common``, which documents the recipe conventions and sources).
 
 Under ``--tiny`` every model is a tiny random one built offline through ``rewardkit.testing``: the
 pipelines of ``rewardkit.testing.pipelines`` and the tiny reward / FID checkpoints, written once under
@@ -141,7 +141,7 @@ def eval_callbacks(cfg: Any, pipeline: Any, reward: Any, accelerator: Any = None
     ``callback.maybe_evaluate(step, accelerator, model=denoiser)`` on every rank, then ``stop_requested``.
     """
     from rewardkit.integrations.callbacks import FIDEvalCallback, RewardEvalCallback
-    from rewardkit.integrations.recipe_prompts import PromptMetadataReward, load_prompts
+    from rewardkit.recipe_support.prompts import PromptMetadataReward, load_prompts
 
     all_prompts = load_prompts(cfg)
     prompts = [all_prompts[i % len(all_prompts)] for i in range(cfg.eval_prompts)]

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from rewardkit.integrations.advantages import gather_rows, group_advantages
+from rewardkit.training.advantages import gather_rows, group_advantages
 
 if TYPE_CHECKING:
-    from rewardkit.integrations.trackers import PerPromptStatTracker
+    from rewardkit.training.trackers import PerPromptStatTracker
 
 __all__ = ["GroupSignals", "advantages_with_signals", "group_signals", "part_correlations"]
 

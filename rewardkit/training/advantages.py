@@ -13,7 +13,7 @@ This function keeps **no history**, so it is *not* the ``PerPromptStatTracker`` 
 (a per-prompt buffer of past rewards, with a batch fallback below ``min_count``): after the first batch
 their advantages differ. It equals flow_grpo's tracker only when that one is cleared after every update
 (as flow_grpo's ``train_sd3.py`` does), with ``eps=1e-4`` and ``std="global"`` for ``global_std=True``.
-The exact upstream trackers are ``rewardkit.integrations.trackers.PerPromptStatTracker``.
+The exact upstream trackers are ``rewardkit.training.trackers.PerPromptStatTracker``.
 
 ``unbiased=False`` (default) is numpy's population std as in ddpo-pytorch / flow_grpo; TRL uses
 ``torch.std`` (``unbiased=True``). ``eps=1e-4`` as flow_grpo and TRL. NaN scores ("not applicable")

@@ -30,7 +30,7 @@ The text encoder and VAE weights are never trained here: prompts are encoded wit
 is differentiable with respect to the latents only (pixels clamped to ``[0, 1]`` get no gradient, as in
 diffusers' postprocessing and AlignProp).
 
-Gradient checkpointing wraps the denoiser's ``forward`` with ``rewardkit.integrations.backprop.
+Gradient checkpointing wraps the denoiser's ``forward`` with ``rewardkit.training.backprop.
 gradient_checkpointing`` (non-reentrant ``torch.utils.checkpoint``; only active when grad is on), so
 each grad step stores the denoiser's inputs and recomputes its activations in the backward pass, as
 AlignProp's ``checkpoint.checkpoint(unet, ...)`` does.
@@ -47,7 +47,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rewardkit.integrations.backprop import gradient_checkpointing
+from rewardkit.training.backprop import gradient_checkpointing
 
 __all__ = ["TruncatedSample", "truncated_sample", "draw_num_grad_steps", "DRAFT_DEFAULT_K", "METHODS"]
 

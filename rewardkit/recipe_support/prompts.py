@@ -1,5 +1,5 @@
 """Prompts of the ``recipes/``: the built-in set, prompt files with their metadata, and flow_grpo's K-repeat sampling
-(re-exported by ``recipe_common``, which documents the recipe conventions).
+(re-exported by ``common``, which documents the recipe conventions).
 
 Prompt files (a config's ``prompts``): ``.txt``, one prompt per line (flow_grpo ``dataset/<task>/train.txt``); or
 ``.jsonl``, one JSON object per line with a ``"prompt"`` string and any other fields, e.g. GenEval's ``tag`` /

@@ -24,7 +24,7 @@ Distributed use: upstream calls ``update`` with the rewards and prompts gathered
 every process, and each process keeps its slice. ``update`` here does the same: it gathers (rank order,
 uneven batches padded) unless ``gathered=True``, updates the identical state on every rank, and returns
 this rank's rows. The state therefore stays identical on all ranks, and a checkpoint written by the main
-process (``recipe_checkpoint.save_checkpoint``, entry ``tracker.pt``) resumes every rank.
+process (``rewardkit.recipe_support.checkpoint.save_checkpoint``, entry ``tracker.pt``) resumes every rank.
 
 Not upstream: NaN rewards ("not applicable") are never stored, are left out of every statistic (also the
 batch ones), and get a NaN advantage; upstream has no NaN policy (a NaN poisons its statistics).
@@ -38,7 +38,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from rewardkit.integrations.advantages import gather_rows
+from rewardkit.training.advantages import gather_rows
 
 __all__ = ["DDPO_BUFFER_SIZE", "DDPO_EPS", "DDPO_MIN_COUNT", "FLOW_GRPO_EPS", "TRACKER_STYLES", "PerPromptStatTracker",
            "tracker_for"]

@@ -34,7 +34,7 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from rewardkit.integrations.advantages import ADVANTAGE_EPS, STD_MODES, Std, gather_rows, group_advantages
+from rewardkit.training.advantages import ADVANTAGE_EPS, STD_MODES, Std, gather_rows, group_advantages
 
 __all__ = ["AGGREGATIONS", "multi_reward_advantages"]
 

@@ -3,9 +3,9 @@
 Every recipe (Flow-GRPO, DDPO, Diffusion-DPO, DRaFT, ...) is one readable file that subclasses
 ``CommonConfig`` with its method's fields and calls the helpers below, so the parts that must be
 right everywhere (config parsing, batch arithmetic, LoRA, checkpoints, evaluation, tracker logging)
-are written and tested once. Checkpointing lives in ``recipe_checkpoint.py``, the model builders
-(pipeline, LoRA, rewards, evaluation callbacks) in ``recipe_models.py`` and the prompts (files, metadata, K-repeat
-sampling) in ``recipe_prompts.py``; all are re-exported here.
+are written and tested once. Checkpointing lives in ``checkpoint.py``, the model builders
+(pipeline, LoRA, rewards, evaluation callbacks) in ``models.py`` and the prompts (files, metadata, K-repeat
+sampling) in ``prompts.py``; all are re-exported here.
 
 Sources (facts only, no code copied): accelerate's ``Accelerator`` / ``ProjectConfiguration`` trackers;
 TRL's ``TrlParser`` (``trl/scripts/utils.py``: ``--config x.yaml`` sets parser defaults, the command
@@ -22,7 +22,7 @@ Dict fields (``rewards``, ...) come from YAML as mappings and from the command l
 ``--rewards '{"pickscore": 1.0}'``.
 
 Prompt files (``prompts``): ``.txt``, one prompt per line, or ``.jsonl``, one ``{"prompt": ..., <metadata>}`` object
-per line (flow_grpo's GenEval files); ``load_prompts`` keeps each prompt's record (``recipe_prompts.py``) and the
+per line (flow_grpo's GenEval files); ``load_prompts`` keeps each prompt's record (``prompts.py``) and the
 recipes pass it to the reward as ``metadata=``.
 """
 
@@ -39,8 +39,8 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
-from rewardkit.integrations.recipe_checkpoint import latest_checkpoint, resume, save_checkpoint
-from rewardkit.integrations.recipe_models import (
+from rewardkit.recipe_support.checkpoint import latest_checkpoint, resume, save_checkpoint
+from rewardkit.recipe_support.models import (
     LORA_TARGET_MODULES,
     TINY_WEIGHTS_FOLDER,
     add_lora,
@@ -52,7 +52,7 @@ from rewardkit.integrations.recipe_models import (
     load_tiny_shared,
     weight_dtype,
 )
-from rewardkit.integrations.recipe_prompts import (
+from rewardkit.recipe_support.prompts import (
     BUILTIN_PROMPTS,
     PromptList,
     PromptMetadataReward,
