@@ -111,12 +111,21 @@ def test_low_precision_returns_float32_and_is_close(tiny_reward, dtype: str) -> 
     assert torch.equal(ckpt_grad, grad)
 
 
-def test_fp32_override_of_a_fast_reward(tiny_root) -> None:
+def test_fp32_override_of_a_fast_reward_is_refused(tiny_root) -> None:
+    # The fast mode holds its matmul weights in bf16 (precision.cast_matmul_weights): an fp32 loss from it
+    # would not be the exact model's, so it is refused with the fix instead of silently differing.
     fast = rkt.load_tiny("pickscore", tiny_root / "upstream", dtype="bf16")
+    with pytest.raises(ValueError, match="holds torch.bfloat16 weights.*dtype=None"):
+        reward_loss(fast, images(), PROMPTS, dtype="fp32")
+    assert fast.autocast_dtype == torch.bfloat16
+
+
+def test_fp32_override_inside_a_bf16_step_equals_the_exact_loss(tiny_root) -> None:
     exact = rkt.load_tiny("pickscore", tiny_root / "upstream")
     x = images()
-    assert torch.equal(reward_loss(fast, x, PROMPTS, dtype="fp32"), reward_loss(exact, x, PROMPTS))
-    assert fast.autocast_dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = reward_loss(exact, x, PROMPTS, dtype="fp32")
+    assert torch.equal(inside, reward_loss(exact, x, PROMPTS))
 
 
 @pytest.mark.parametrize("name", ["pickscore", "hpsv2"])

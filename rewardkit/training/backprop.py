@@ -187,6 +187,8 @@ def _precision(reward: Any, device: torch.device, dtype: Any) -> Iterator[None]:
         yield
         return
     force_fp32 = isinstance(dtype, str) and dtype.lower() in _FP32_NAMES or dtype == torch.float32
+    if force_fp32:
+        _check_fp32_weights(reward)
     target = None if force_fp32 else parse_dtype(dtype)
     managed = [(m, m.autocast_dtype) for m in _modules(reward) if hasattr(m, "autocast_dtype")]
     try:
@@ -197,6 +199,17 @@ def _precision(reward: Any, device: torch.device, dtype: Any) -> Iterator[None]:
     finally:
         for module, previous in managed:
             module.autocast_dtype = previous
+
+
+def _check_fp32_weights(reward: Any) -> None:
+    """An fp32 loss needs fp32 weights: a reward loaded in the fast mode holds its matmul weights in bf16/fp16
+    (``precision.cast_matmul_weights``), which no autocast setting turns back into the exact model."""
+    low = sorted({str(p.dtype) for m in _modules(reward) if isinstance(m, nn.Module)
+                  for p in m.parameters() if p.dtype in (torch.bfloat16, torch.float16)})
+    if low:
+        name = getattr(reward, "name", type(reward).__name__)
+        raise ValueError(f"reward_loss: dtype='fp32' asked, but {name} holds {', '.join(low)} weights (loaded with "
+                         f"dtype='bf16'/'fp16'); load it with dtype=None for an fp32 loss, or drop dtype=")
 
 
 def find_checkpoint_blocks(reward: Any) -> list[nn.Module]:
