@@ -86,10 +86,12 @@ def _move(source: str | Path, target: Path) -> Path:
 
 def _clip_family(name: str) -> Callable[[Path, Path, int], None]:
     def build(repo: Path, staging: Path, seed: int) -> None:
-        import rewardkit.testing as rkt
+        from rewardkit.testing.clip import tiny_aesthetic, tiny_bioclip, tiny_hpsv2, tiny_pickscore
+        from rewardkit.testing.hpsv3 import tiny_hpsv3
+        from rewardkit.testing.imagereward import tiny_imagereward
 
-        builder = {"pickscore": rkt.tiny_pickscore, "hpsv2": rkt.tiny_hpsv2, "aesthetic": rkt.tiny_aesthetic,
-                   "bioclip": rkt.tiny_bioclip, "imagereward": rkt.tiny_imagereward, "hpsv3": rkt.tiny_hpsv3}[name]
+        builder = {"pickscore": tiny_pickscore, "hpsv2": tiny_hpsv2, "aesthetic": tiny_aesthetic,
+                   "bioclip": tiny_bioclip, "imagereward": tiny_imagereward, "hpsv3": tiny_hpsv3}[name]
         kwargs = builder(repo, layout="diffsynth", seed=seed)
         _write_sidecar(Path(kwargs["weights"]).parent, _options(kwargs))
 
