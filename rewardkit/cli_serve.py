@@ -132,7 +132,7 @@ def run_score_ray(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``rewardkit score --engine ray``: the same checks and rows as the local engine, scored on Ray Data."""
     from pathlib import Path
 
-    from rewardkit.cli import OUTPUT_SUFFIXES, _check_rewards, collect_images, parse_weights, read_prompts
+    from rewardkit.cli_inputs import OUTPUT_SUFFIXES, check_rewards, collect_images, parse_weights, read_prompts
     from rewardkit.report import write_scores
     from rewardkit.serve.dataset import is_dataset_file, score_with_ray
 
@@ -146,7 +146,7 @@ def run_score_ray(args: argparse.Namespace) -> list[dict[str, Any]]:
     prompts = read_prompts(images, args.prompt, args.prompts)
     if datasets and (args.prompt or args.prompts):
         raise ValueError("--prompt / --prompts apply to image files; .parquet / .tar shards carry their own prompts")
-    _check_rewards(names, prompts is not None or bool(datasets))
+    check_rewards(names, prompts is not None or bool(datasets))
     weights = parse_weights(args.weights, names)
     if args.tiny and weights:
         raise ValueError("--tiny builds random models; drop --weights (or drop --tiny to load real weights)")

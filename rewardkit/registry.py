@@ -258,7 +258,7 @@ def load(name: str, weights: Any = None, device: Any = None, dtype: Any = None, 
     if "server" in options and "server" not in (option_defaults(name) or {"server": None}):
         from rewardkit.serve.client import load_remote  # served by `rewardkit serve` / a reward-server
 
-        return load_remote(name, weights=weights, device=device, dtype=dtype, **options)
+        return load_remote(name, weights=weights, device=device, dtype=dtype, entry=_REGISTRY.get(name), **options)
     if target != name:
         options = {**get_entry(name).default_options, **options}
     _check_options(name, options)

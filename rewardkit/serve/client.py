@@ -242,19 +242,17 @@ def _merge(parts: list[Scored], device: torch.device, name: str) -> RewardOutput
 
 
 def load_remote(name: str, weights: Any = None, device: Any = None, dtype: Any = None, *,
-                server: str | Sequence[str], **options: Any) -> RemoteReward:
+                server: str | Sequence[str], entry: Any = None, **options: Any) -> RemoteReward:
     """``rk.load(name, server=URL, ...)`` for a reward served elsewhere (``rewardkit serve`` or reward-server).
 
-    The registry entry gives the name and description; an unregistered name (a served YAML composition)
-    is described by the server's ``GET /ready``. ``weights`` and ``dtype`` belong to the server and must be
-    unset; ``device`` is accepted and unused (scores land on the images' device).
+    ``entry`` (the registry's ``Entry``, handed over by ``rk.load``) gives the name and direction; without one
+    (an unregistered name, e.g. a served YAML composition) the server's ``GET /ready`` describes the reward.
+    ``weights`` and ``dtype`` belong to the server and must be unset; ``device`` is accepted and unused (scores
+    land on the images' device).
     """
-    from rewardkit.registry import _REGISTRY
-
     if weights is not None or dtype not in (None, "fp32"):
         raise ValueError(f"{name}: weights= and dtype= are the server's (set them on `rewardkit serve`), got "
                          f"weights={weights!r}, dtype={dtype!r}; drop them with server=")
-    entry = _REGISTRY.get(name)
     if entry is None:
         return RemoteReward.from_server(server, **options)
     if entry.kind != "reward":
