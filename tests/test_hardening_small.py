@@ -33,7 +33,9 @@ def test_hps_scores_extreme_aspect_ratios_on_both_paths(tiny_reward) -> None:
 _BUILD = """
 import hashlib, sys
 from pathlib import Path
+import torch
 import rewardkit.testing as rkt
+torch.set_num_threads(2)  # another thread count than the test process's: the bytes must not depend on it
 path = Path(rkt.tiny_fid_inception(sys.argv[1])["weights"])
 print(hashlib.sha256(path.read_bytes()).hexdigest())
 """
@@ -41,13 +43,19 @@ print(hashlib.sha256(path.read_bytes()).hexdigest())
 
 def test_tiny_fid_checkpoint_is_byte_identical_across_processes(tiny_root: Path, tmp_path: Path) -> None:
     """Statistics record the weights' sha256, so a tiny checkpoint built in another process (another pid in
-    the temporary name torch.save used to write into the archive) must have the same bytes. The session's
-    checkpoint (built here, or already by another test) is compared with one built in a fresh process."""
+    the temporary name torch.save used to write into the archive; another intra-op thread count in the
+    calibration's reductions) must have the same bytes. The session's checkpoint (built here, or already by
+    another test) is compared with one built in a fresh process."""
     import rewardkit.testing as rkt
 
     run = subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path / "other")], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    here = Path(rkt.tiny_fid_inception(tiny_root / "upstream" / "fid")["weights"])  # load_tiny's folder
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = Path(rkt.tiny_fid_inception(tiny_root / "upstream" / "fid")["weights"])  # load_tiny's folder
+    finally:
+        torch.set_num_threads(threads)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err[-2000:]
     assert out.strip().splitlines()[-1] == hashlib.sha256(here.read_bytes()).hexdigest()

@@ -90,9 +90,18 @@ def build_random_fid_inception(seed: int = 0) -> nn.Module:
 
     generator = torch.Generator().manual_seed(seed)
     model = FIDInceptionV3()
+    threads = torch.get_num_threads()
+    # The calibration's forward passes reduce in an order that depends on the intra-op thread count: one
+    # thread makes the weights (and the checkpoint's sha256, stored with FID statistics) the same in every
+    # process, whatever its thread setting.
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            _randomise(model, generator)
+            _calibrate(model, generator)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
-        _randomise(model, generator)
-        _calibrate(model, generator)
         for norm in model.Mixed_7c.modules():
             if isinstance(norm, nn.BatchNorm2d):
                 norm.weight.mul_(_MIXED_7C_BN_SCALE)
