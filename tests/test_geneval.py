@@ -186,3 +186,50 @@ def test_composes_with_metadata_passed_through(reward, images, tiny_root) -> Non
     out = total.evaluate(images, ['a sign "hi"'] * 3, metadata=metadata)
     torch.testing.assert_close(out.details["geneval"], reward(images, metadata=metadata))
     torch.testing.assert_close(out.scores, out.details["geneval"] + 0.5 * out.details["ocr"])
+
+
+def test_mmdet_detector_reads_mmdet_2x_results(monkeypatch) -> None:
+    """GenEval's own path: ``init_detector`` + ``inference_detector`` of mmdet 2.x, whose result for a
+    Mask2Former is ``(bbox_results, segm_results)``: per COCO class (mmdet's order) an ``(n, 5)`` array of
+    ``[x1, y1, x2, y2, score]`` and a list of ``n`` (H, W) masks (mmdet/apis/inference.py,
+    mmdet/models/detectors/maskformer.py in mmdet 2.x). mmdet does not install beside current torch, so its two
+    API functions are stood in for here; the adapter's reading of their documented output is what is tested."""
+    import sys
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from rewardkit.rewards.geneval_detectors import MmdetDetector
+    from rewardkit.rewards.geneval_rules import GENEVAL_CLASSES
+
+    seen = {}
+
+    def init_detector(config, checkpoint, device):
+        seen["init"] = (config, checkpoint, device)
+        return "model"
+
+    def inference_detector(model, image):
+        seen["image"] = image
+        bbox = [np.zeros((0, 5), dtype=np.float32) for _ in GENEVAL_CLASSES]
+        segm = [[] for _ in GENEVAL_CLASSES]
+        dog = GENEVAL_CLASSES.index("dog")
+        bbox[dog] = np.array([[1, 2, 5, 6, 0.9], [0, 0, 3, 3, 0.2]], dtype=np.float32)
+        segm[dog] = [np.ones((8, 8), dtype=bool), np.zeros((8, 8), dtype=bool)]
+        return bbox, segm
+
+    apis = types.ModuleType("mmdet.apis")
+    apis.init_detector, apis.inference_detector = init_detector, inference_detector
+    monkeypatch.setitem(sys.modules, "mmdet", types.ModuleType("mmdet"))
+    monkeypatch.setitem(sys.modules, "mmdet.apis", apis)
+
+    detector = MmdetDetector("mask2former.py", "mask2former.pth", device="cpu")
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[..., 0] = 200  # red in RGB: mmdet reads ndarrays as BGR, so it must arrive in the last channel
+    (found,) = detector.detect([Image.fromarray(pixels)])
+    assert seen["init"] == ("mask2former.py", "mask2former.pth", "cpu")
+    assert seen["image"][0, 0].tolist() == [0, 0, 200]
+    assert list(found) == ["dog"] and len(found["dog"]) == 2
+    first, second = found["dog"]
+    assert first.box == (1.0, 2.0, 5.0, 6.0) and first.score == pytest.approx(0.9) and first.mask.all()
+    assert second.score == pytest.approx(0.2) and not second.mask.any()
