@@ -1,9 +1,10 @@
 """Fast mode (``dtype="bf16"``, weights held in bf16) vs exact fp32 for CLIP-family rewards, on this CPU.
 
-Reuses ``bench_clip_rewards``' seeded ViT-B/16-size checkpoints in each reward's real format. Tensor path,
-prompt cache cleared before every call, median of ``--repeats`` interleaved calls after a warm-up, under
-``torch.inference_mode``. Prints and writes one table (``--out``) headed by ``machine.py``'s facts: the
-speed-up needs native bf16 (AVX512-BF16 / AMX on CPU); without it oneDNN emulates bf16 and fast is slower.
+Reuses the seeded ViT-B/16-size checkpoints of ``clip_bench.checkpoints`` (as ``bench_clip_rewards`` does), in
+each reward's real format. Tensor path, prompt cache cleared before every call, median of ``--repeats``
+interleaved calls after a warm-up, under ``torch.inference_mode``. Prints and writes one table (``--out``)
+headed by ``machine.py``'s facts: the speed-up needs native bf16 (AVX512-BF16 / AMX on CPU); without it
+oneDNN emulates bf16 and fast is slower.
 
 Usage: ``python benchmarks/bench_fast_mode.py pickscore hpsv2 aesthetic --out benchmarks/results/fast_mode_<machine>.md``
 """
@@ -22,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_clip_rewards as clip_bench  # noqa: E402
 import rewardkit as rk  # noqa: E402
+from clip_bench.checkpoints import SIZES, write_checkpoint  # noqa: E402
+from clip_bench.inputs import PROMPTS, make_images, to_float_tensor  # noqa: E402
 from machine import describe  # noqa: E402
 
 
@@ -34,7 +36,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench(name: str, root: Path, images: torch.Tensor, prompts: list[str], repeats: int) -> str:
-    kwargs = clip_bench.write_checkpoint(name, root / name, clip_bench.SIZES["vit-b-16"], 0)["rk"]
+    kwargs = write_checkpoint(name, root / name, SIZES["vit-b-16"], 0)["rk"]
     models = {"exact": rk.load(name, **kwargs), "fast": rk.load(name, **kwargs, dtype="bf16")}
     times: dict[str, list[float]] = {key: [] for key in models}
     out = {}
@@ -62,8 +64,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    images = clip_bench.to_float_tensor(clip_bench.make_images(args.batch, 256, seed=0))
-    prompts = [clip_bench.PROMPTS[i % len(clip_bench.PROMPTS)] for i in range(args.batch)]
+    images = to_float_tensor(make_images(args.batch, 256, seed=0))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     lines = [*[f"- {line}" for line in describe()],
              f"- ViT-B/16-size seeded random weights, batch {args.batch} of 256x256, tensor path, cold prompt cache, "
              f"median of {args.repeats} interleaved calls, {args.threads} threads", "",
