@@ -1,4 +1,4 @@
-"""The ``rewardkit`` command line: ``list``, ``score``, ``demo`` (+ ``fid-stats``, ``fid``, ``compare`` from cli_metrics).
+"""The ``rewardkit`` command line: ``list``, ``score``, ``demo`` (+ ``fid-stats``, ``fid``; ``compare`` in cli_compare).
 
 Thin by design: it parses arguments, reads and writes files and prints; the scores come from the library
 (``rk.load`` and each reward's ``evaluate_pil`` / ``evaluate``). Model code is imported only by the command
@@ -69,9 +69,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rewards", nargs="+", default=list(DEMO_REWARDS), metavar="NAME",
                       help=f"rewards to run (default: {' '.join(DEMO_REWARDS)})")
     from rewardkit.cli_metrics import add_commands
+    from rewardkit.cli_compare import add_commands as add_compare
     from rewardkit.cli_geneval import add_commands as add_geneval
 
     add_commands(commands)
+    add_compare(commands)
     add_geneval(commands)
     from rewardkit.cli_verify import add_commands as add_verify
 
@@ -289,12 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     from rewardkit.cli_geneval import COMMANDS as GENEVAL_COMMANDS
     from rewardkit.cli_metrics import COMMANDS
+    from rewardkit.cli_compare import COMMANDS as COMPARE_COMMANDS
     from rewardkit.cli_verify import COMMANDS as VERIFY_COMMANDS
 
     from rewardkit.cli_serve import COMMANDS as SERVE_COMMANDS
 
     command = {"list": _cmd_list, "score": _cmd_score, "demo": _cmd_demo, **COMMANDS, **GENEVAL_COMMANDS,
-               **VERIFY_COMMANDS, **SERVE_COMMANDS}[args.command]
+               **COMPARE_COMMANDS, **VERIFY_COMMANDS, **SERVE_COMMANDS}[args.command]
     try:
         command(args)
     except _USER_ERRORS as exc:

@@ -1,12 +1,13 @@
-"""The set-level and paired commands of the ``rewardkit`` CLI: ``fid-stats``, ``fid`` and ``compare``.
+"""The set-level commands of the ``rewardkit`` CLI: ``fid-stats`` and ``fid`` (``compare``: cli_compare).
 
 Thin: argument parsing and files; the numbers come from ``rewardkit.metrics``. One Inception pass
 serves FID, KID and IS together (they share the extractor); CMMD and FD-DINOv2 run their own networks.
 Results are printed as JSON (and written with ``--out``); a value that is not finite is written as
 ``null`` with a ``reason``, so the output is valid JSON. Everything knowable up front (output paths, the
-device, image counts against ``--kid-subset-size`` / ``--is-splits``, pair sizes against each other and
-MS-SSIM's minimum) is checked before any network runs. Progress bars show on terminals; logs get one
-summary line per pass.
+device, image counts against ``--kid-subset-size`` / ``--is-splits``, feature rows in a ``--stats`` file)
+is checked before any network runs. Progress bars show on terminals; logs get one summary line per pass.
+The options and loader shared with ``compare`` (``_common``, ``_load``, ``_metric_list``, ``_json_text``)
+live here; ``rewardkit.cli_compare`` imports them (one way).
 """
 
 from __future__ import annotations
@@ -14,23 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from rewardkit.cli_checks import check_device, check_output, report_pass, weights_hint
 
-__all__ = ["add_commands", "COMMANDS", "run_fid", "run_compare", "run_fid_stats"]
+__all__ = ["add_commands", "COMMANDS", "run_fid", "run_fid_stats"]
 
 SET_METRICS = ("fid", "kid", "is", "cmmd", "fd-dinov2")
 INCEPTION_METRICS = ("fid", "kid", "is")
-PAIRED_METRICS = ("ssim", "ms-ssim", "psnr", "lpips")
 _REGISTRY_NAME = {"fid": "fid", "kid": "kid", "is": "inception-score", "cmmd": "cmmd", "fd-dinov2": "fd-dinov2"}
-PAIR_SUFFIXES = (".jsonl", ".csv")
 MIN_SET_IMAGES = 2  # every set metric needs two images a side (rewardkit.metrics.fid.MIN_IMAGES)
-_EXIF_ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees, so width and height swap on load
-_TRANSPOSED = (5, 6, 7, 8)
 
 
 def _metric_list(text: str, allowed: Sequence[str]) -> list[str]:
@@ -55,7 +51,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """Register the three sub-commands on the main parser's sub-parsers."""
+    """Register ``fid-stats`` and ``fid`` on the main parser's sub-parsers."""
     stats = commands.add_parser("fid-stats", help="reference statistics (.npz) of an image folder")
     stats.add_argument("folder", metavar="DIR")
     stats.add_argument("--out", required=True, metavar="FILE.npz")
@@ -79,12 +75,6 @@ def add_commands(commands: Any) -> None:
                      "at least this many generated images")
     fid.add_argument("--out", metavar="FILE.json", help="also write the JSON result here")
     _common(fid)
-    compare = commands.add_parser("compare", help="paired metrics (SSIM, PSNR, LPIPS) of two files or folders")
-    compare.add_argument("a", metavar="A")
-    compare.add_argument("b", metavar="B")
-    compare.add_argument("--metrics", default="ssim,psnr,lpips", help=f"comma-separated: {','.join(PAIRED_METRICS)}")
-    compare.add_argument("--out", metavar="FILE", help="per-pair rows as .jsonl or .csv")
-    _common(compare)
 
 
 def _weights(specs: Sequence[str]) -> dict[str, str]:
@@ -277,94 +267,6 @@ def _fix_reference(metric: Any, reference: Any, rows: Any, path: str) -> None:
         metric.set_reference_rows(rows.float())
 
 
-def _pairs(a: str, b: str, recursive: bool = False) -> list[tuple[Path, Path]]:
-    from rewardkit.compat.diffsynth_sets import _pairs as pairs
-
-    return [(Path(x), Path(y)) for x, y, _ in pairs(a, b, what="compare", recursive=recursive)]
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(W, H)`` of an image file as ``load_image`` will give it (EXIF rotation applied), from its header."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        return (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED else (width, height)
-
-
-def _check_pair_sizes(pairs: list[tuple[Path, Path]], minimum: dict[str, int]) -> None:
-    """Equal sizes within each pair and every metric's minimum side, from the headers (no pixels decoded)."""
-    for path_a, path_b in pairs:
-        (wa, ha), (wb, hb) = _image_size(path_a), _image_size(path_b)
-        if (wa, ha) != (wb, hb):
-            raise ValueError(f"{path_a} is {wa}×{ha} but {path_b} is {wb}×{hb} (W×H); paired metrics compare images "
-                             "of equal size: resize one side first")
-        for name, side in minimum.items():
-            if min(wa, ha) < side:
-                raise ValueError(f"--metrics {name}: needs images of at least {side}×{side}, {path_a} is {wa}×{ha} "
-                                 f"(W×H); drop {name} from --metrics or compare larger images")
-
-
-def _size_text(tensor: Any) -> str:
-    return f"{tensor.shape[-1]}×{tensor.shape[-2]}"
-
-
-def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Per-pair paired metrics of two files or two name-matched folders."""
-    import torch
-    from tqdm import tqdm
-
-    from rewardkit.image_io import load_image, pil_to_tensor
-
-    names = _metric_list(args.metrics, PAIRED_METRICS)
-    if args.out:
-        if Path(args.out).suffix.lower() not in PAIR_SUFFIXES:
-            raise ValueError(f"--out {args.out}: unknown format {Path(args.out).suffix!r}; name the file *.jsonl or *.csv")
-        check_output(args.out)
-    check_device(args.device)
-    pairs = _pairs(args.a, args.b, args.recursive)  # input errors before any network is loaded (or downloaded)
-    metrics = {n: _load_paired(n, args) for n in names if n != "lpips"}  # closed-form: nothing to load
-    _check_pair_sizes(pairs, {n: m.min_size for n, m in metrics.items() if getattr(m, "min_size", None)})
-    if "lpips" in names:
-        metrics = {n: metrics[n] if n != "lpips" else _load(n, args) for n in names}
-    for metric in metrics.values():
-        metric.to(args.device or "cpu")
-    rows, began = [], time.perf_counter()
-    for path_a, path_b in tqdm(pairs, desc="compare", unit="pair", disable=not sys.stderr.isatty()):
-        a, b = pil_to_tensor(load_image(path_a))[None], pil_to_tensor(load_image(path_b))[None]
-        if a.shape != b.shape:
-            raise ValueError(f"{path_a} is {_size_text(a)} but {path_b} is {_size_text(b)} (W×H); paired metrics "
-                             "compare images of equal size: resize one side first")
-        row: dict[str, Any] = {"a": str(path_a), "b": str(path_b)}
-        with torch.no_grad():
-            for name, metric in metrics.items():
-                row[name] = float(metric(a, reference=b)[0])
-        rows.append(row)
-    report_pass("compared", len(rows), time.perf_counter() - began, unit="pairs")
-    return rows
-
-
-def _load_paired(name: str, args: argparse.Namespace) -> Any:
-    from rewardkit.registry import load
-
-    return load(name, device=args.device)
-
-
-def _summary(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """Mean of the finite values per metric and how many were not finite; a mean that does not exist is
-    ``None`` (JSON null) with a ``reason``, never a bare NaN."""
-    out: dict[str, Any] = {"pairs": len(rows)}
-    for name in names:
-        finite = [r[name] for r in rows if math.isfinite(r[name])]
-        entry: dict[str, Any] = {"mean": sum(finite) / len(finite) if finite else None,
-                                 "infinite": len(rows) - len(finite)}
-        if not finite:
-            note = " (PSNR is infinite for identical images)" if name == "psnr" else ""
-            entry["reason"] = f"none of the {len(rows)} values is finite{note}"
-        out[name] = entry
-    return out
-
-
 def _json_text(value: Any) -> str:
     """JSON with every non-finite float as null (``allow_nan=False`` then guarantees valid JSON)."""
     def clean(item: Any) -> Any:
@@ -390,14 +292,4 @@ def _cmd_fid(args: argparse.Namespace) -> None:
     print(text)
 
 
-def _cmd_compare(args: argparse.Namespace) -> None:
-    from rewardkit.report import write_scores
-
-    rows = run_compare(args)
-    names = _metric_list(args.metrics, PAIRED_METRICS)
-    if args.out:
-        write_scores(rows, names, Path(args.out), key_columns=("a", "b"))
-    print(_json_text(_summary(rows, names)))
-
-
-COMMANDS = {"fid-stats": _cmd_fid_stats, "fid": _cmd_fid, "compare": _cmd_compare}
+COMMANDS = {"fid-stats": _cmd_fid_stats, "fid": _cmd_fid}

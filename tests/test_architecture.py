@@ -21,7 +21,8 @@ LAYERS = {
     "compose": 4, "compose_state": 4, "training": 4, "report": 4, "eval_report": 4, "verify": 4,
     "integrations": 5, "serve": 5,
     "compat": 6, "recipe_support": 6,
-    "cli": 7, "cli_checks": 7, "cli_inputs": 7, "cli_metrics": 7, "cli_geneval": 7, "cli_serve": 7, "cli_verify": 7,
+    "cli": 7, "cli_checks": 7, "cli_inputs": 7, "cli_metrics": 7, "cli_compare": 7, "cli_geneval": 7, "cli_serve": 7,
+    "cli_verify": 7,
     "testing": 8,  # builders use everything; only recipe_support and the CLI's --tiny import them
 }
 # Lazy ``load(...)`` hooks that resolve a registry name into its factory go upward by design: the registry
