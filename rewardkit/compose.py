@@ -36,7 +36,6 @@ never reaches a paired metric; a keyword that no part takes raises before any sc
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 import warnings
@@ -46,6 +45,8 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
+from rewardkit.compose_checks import check_options, checked_scores
+from rewardkit.compose_exact import ExactPathComposition
 from rewardkit.compose_state import RunningStats, Ticket, Turns
 from rewardkit.errors import check_images, check_prompts
 from rewardkit.protocols import Reward, RewardOutput
@@ -57,7 +58,7 @@ NanPolicy = Literal["skip", "propagate"]
 ZSCORE_EPS = 1e-6  # keeps a constant reward from dividing by zero
 
 
-class ComposedReward(Reward):
+class ComposedReward(ExactPathComposition, Reward):
     """A weighted sum of rewards, itself a RewardFn (module docstring: maths, NaN/inf, concurrency).
 
     ``evaluate()`` returns the total and, in ``details``, every part's raw score under its name and its
@@ -71,7 +72,7 @@ class ComposedReward(Reward):
                  affine: Mapping[str, tuple[float, float]] | None = None, normalize_weights: bool = False,
                  nan_policy: NanPolicy = "skip", update_stats: bool = True, name: str = "composed") -> None:
         super().__init__()
-        _check_options(parts, weights, normalize, affine, nan_policy)
+        check_options(parts, weights, normalize, affine, nan_policy)
         self.name = name
         self.part_names = list(parts)
         # ModuleDict keys cannot hold "." (registry names such as "hpsv2.1", "module:factory" paths): _key.
@@ -140,24 +141,6 @@ class ComposedReward(Reward):
             self._statistics(ticket, None, update)  # the failed call still takes (and passes) its turn
             raise
         return self._combine(raw, ticket, update)
-
-    def evaluate_pil(self, images: Any, prompts: str | list[str] | None = None, *, ticket: Ticket | None = None,
-                     update_stats: bool | None = None, **context: Any) -> RewardOutput:
-        """Exact path: PIL images or files (sizes may differ); each part's own ``evaluate_pil`` where it has
-        one, its tensor path on ``image_io.to_tensor`` images (one call per image size) otherwise. Same
-        combination, statistics and tickets as ``evaluate``."""
-        ticket, update = self._ticket(ticket), self.update_stats if update_stats is None else bool(update_stats)
-        try:
-            self._check_context(context)
-            raw = self._pil_raw(images, prompts, context)
-        except BaseException:
-            self._statistics(ticket, None, update)
-            raise
-        return self._combine(raw, ticket, update)
-
-    def score_pil(self, images: Any, prompts: str | list[str] | None = None, **context: Any) -> torch.Tensor:
-        """``evaluate_pil(...).scores``: float32 ``(B,)``."""
-        return self.evaluate_pil(images, prompts, **context).scores
 
     def update_statistics(self, raw: Mapping[str, Any], *, ticket: Ticket | None = None) -> None:
         """Fold raw part scores into the z-score statistics: the explicit-step alternative to
@@ -294,53 +277,7 @@ class ComposedReward(Reward):
                         shared[key] = part.features(images)
                     part_prompts = prompts if getattr(part, "requires_prompt", True) else None
                     raw = part.score_features(shared[key], part_prompts).scores.to(images.device)
-            out[name] = _checked(name, raw, images.shape[0])
-        return out
-
-    def _pil_raw(self, images: Any, prompts: Any, context: dict) -> dict[str, torch.Tensor]:
-        from rewardkit.image_io import as_rgb_images
-
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise ValueError(f"{self.name}: expected at least one image, got an empty list")
-        pil = as_rgb_images(items)
-        prompt_list = check_prompts(self.name, prompts, len(pil), self.requires_prompt)
-        exact = [k for k in self.part_names if callable(getattr(self._part(k), "evaluate_pil", None))]
-        raw = {}
-        for name in exact:
-            method = self._part(name).evaluate_pil
-            with self._lock(name):  # context goes where the part's exact path takes it (its tensor path ignores it)
-                part_context = self._context_for(name, context)
-                out = method(pil, prompt_list, **(part_context if _takes_context(method) else {}))
-            raw[name] = _checked(name, out.scores, len(pil))
-        rest = [k for k in self.part_names if k not in raw]
-        if rest:
-            raw.update(self._per_size_raw(rest, pil, prompt_list, context))
-        device = raw[self.part_names[0]].device
-        return {k: raw[k].to(device) for k in self.part_names}
-
-    def _per_size_raw(self, names: list[str], pil: list, prompts: list[str] | None,
-                      context: dict) -> dict[str, torch.Tensor]:
-        """Tensor path for parts without an exact path: one batch per image size, rows put back in order."""
-        from rewardkit.image_io import to_tensor
-
-        groups: dict[tuple[int, int], list[int]] = {}
-        for row, image in enumerate(pil):
-            groups.setdefault(image.size, []).append(row)
-        if len(groups) > 1 and any(self._context_for(name, context) for name in names):
-            raise ValueError(f"{self.name}: {sorted(context)} given with images of {len(groups)} sizes; parts "
-                             f"{names} have no exact path and are scored per size; pass images of one size")
-        device = next((p.device for k in names if isinstance(self._part(k), nn.Module)
-                       for p in self._part(k).parameters()), torch.device("cpu"))
-        out: dict[str, torch.Tensor] = {}
-        for rows in groups.values():
-            batch = to_tensor([pil[i] for i in rows]).to(device)
-            sub = self._tensor_raw(names, batch, None if prompts is None else [prompts[i] for i in rows], context)
-            if len(groups) == 1:
-                return sub
-            for name, values in sub.items():
-                column = out.setdefault(name, torch.full((len(pil),), math.nan, device=values.device))
-                column[torch.tensor(rows, device=values.device)] = values
+            out[name] = checked_scores(name, raw, images.shape[0])
         return out
 
     def extra_repr(self) -> str:
@@ -355,61 +292,12 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _takes_context(method: Any) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(method).parameters.values())
-
-
-def _checked(name: str, raw: Any, batch: int) -> torch.Tensor:
-    if not isinstance(raw, torch.Tensor) or raw.shape != (batch,):
-        got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
-        raise ValueError(f"compose: part {name!r} returned {got}, expected a tensor of shape ({batch},)")
-    return raw.float()
-
-
 def _warn_infinite(name: str, raw: Mapping[str, torch.Tensor]) -> None:
     for part, values in raw.items():
         rows = torch.isinf(values).nonzero().flatten().tolist()
         if rows:
             warnings.warn(f"{name}: z-score statistics of {part!r} ignore rows {rows} (+-inf); those rows "
                           "normalise to +-inf", stacklevel=4)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_options(parts, weights, normalize, affine, nan_policy) -> None:
-    if not parts:
-        raise ValueError("compose: give at least one reward, e.g. {'pickscore': 1.0}")
-    if normalize not in ("none", "zscore", "affine"):
-        raise ValueError(f"compose: normalize must be 'none', 'zscore' or 'affine', got {normalize!r}")
-    if nan_policy not in ("skip", "propagate"):
-        raise ValueError(f"compose: nan_policy must be 'skip' or 'propagate', got {nan_policy!r}")
-    for name in parts:
-        if not _finite_number(weights.get(name)):
-            raise ValueError(f"compose: the weight of {name!r} must be a finite number, got {weights.get(name)!r}")
-    if all(weights[name] == 0 for name in parts):
-        raise ValueError("compose: every weight is 0; give at least one part a non-zero weight")
-    if affine is not None and normalize != "affine":
-        raise ValueError(f"compose: affine= is only used with normalize='affine', got normalize={normalize!r}; "
-                         "drop affine= or set normalize='affine'")
-    if normalize == "affine":
-        _check_affine(parts, affine or {})
-
-
-def _check_affine(parts, affine: Mapping[str, Any]) -> None:
-    missing = [n for n in parts if n not in affine]
-    if missing:
-        raise ValueError(f"compose: normalize='affine' needs affine={{name: (shift, scale)}} for {missing}")
-    unknown = [n for n in affine if n not in parts]
-    if unknown:
-        raise ValueError(f"compose: affine names {unknown} are not parts of the composition {list(parts)}")
-    for name in parts:
-        pair = affine[name]
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_finite_number(v) for v in pair)):
-            raise ValueError(f"compose: affine[{name!r}] must be (shift, scale) with finite numbers, got {pair!r}")
-        if pair[1] == 0:
-            raise ValueError(f"compose: affine scale must be non-zero, got 0 for {name!r}")
 
 
 def compose(

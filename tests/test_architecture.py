@@ -18,7 +18,7 @@ LAYERS = {
     "registry": 1, "weights": 1, "checkpoint_io": 1, "preprocess": 1, "image_io": 1, "image_files": 1,
     "nets": 2,
     "rewards": 3, "metrics": 3, "vlm": 3,
-    "compose": 4, "compose_state": 4, "training": 4, "report": 4, "eval_report": 4, "verify": 4,
+    "compose": 4, "compose_state": 4, "compose_checks": 4, "compose_exact": 4, "training": 4, "report": 4, "eval_report": 4, "verify": 4,
     "integrations": 5, "serve": 5,
     "compat": 6, "recipe_support": 6,
     "cli": 7, "cli_checks": 7, "cli_inputs": 7, "cli_metrics": 7, "cli_compare": 7, "cli_geneval": 7, "cli_serve": 7,
