@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["RunningStats", "Ticket", "Turns"]
+__all__ = ["RunningStats", "Ticket", "Turns", "submit_in_call_order"]
 
 
 class RunningStats(nn.Module):
@@ -123,3 +124,24 @@ class Turns:
             self._abandoned.discard(self._serving)
             self._serving += 1
         self._cond.notify_all()
+
+
+def submit_in_call_order(executor: Executor, reward: Any, fn: Callable[..., Any], *args: Any) -> Future:
+    """``executor.submit(fn, *args, ticket)``, reserving ``reward``'s next place in its call order first.
+
+    For a reward with ``reserve()`` (a composition) the place is taken here, in the *submitting* thread, so
+    results follow the submission order whatever order the workers run in; ``ticket`` is ``None`` for other
+    rewards. A job that fails to queue, or is cancelled before it runs, gives its place up (later calls would
+    wait for it forever). Callers that submit from several threads hold one lock around this call.
+    """
+    reserve = getattr(reward, "reserve", None)
+    ticket = reserve() if callable(reserve) else None
+    try:
+        future = executor.submit(fn, *args, ticket)
+    except BaseException:
+        if ticket is not None:
+            ticket.release()
+        raise
+    if ticket is not None:
+        future.add_done_callback(lambda done: ticket.release() if done.cancelled() else None)
+    return future

@@ -174,7 +174,7 @@ def test_loader_errors_name_the_fix(tmp_path) -> None:
 
 
 def test_paddleocr_backend_says_how_to_install() -> None:
-    pytest.importorskip("rapidocr_onnxruntime")
+    import rapidocr_onnxruntime  # noqa: F401 - a dev dependency; a missing install must fail, not skip
     try:
         import paddleocr  # noqa: F401
     except ImportError:

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from rewardkit.compose_state import submit_in_call_order
 from rewardkit.protocols import RewardOutput
 
 __all__ = ["AsyncRewardScorer"]
@@ -134,7 +135,9 @@ class AsyncRewardScorer:
                 return first.device
         return images.device
 
-    def _score(self, images: torch.Tensor, prompts: Any, context: dict, details: bool) -> Any:
+    def _score(self, images: torch.Tensor, prompts: Any, context: dict, details: bool, ticket: Any = None) -> Any:
+        if ticket is not None:
+            context = {**context, "ticket": ticket}
         reward = self._local.reward
         with torch.inference_mode():
             moved = images.to(self._target(reward, images))
@@ -158,22 +161,11 @@ class AsyncRewardScorer:
         images = images.detach()
         if self.clone_inputs:
             images = images.clone()
-        context = dict(context)
-        reserve = getattr(self.rewards[0], "reserve", None) if len(self.rewards) == 1 else None
+        reward = self.rewards[0] if len(self.rewards) == 1 else None  # several instances: no shared call order
         # Reserve and queue atomically: the place in the call order is the place in the queue (callers on
         # several threads could otherwise queue a later ticket before an earlier one, and one worker deadlock).
         with self._submit_lock:
-            ticket = reserve() if callable(reserve) else None
-            if ticket is not None:
-                context["ticket"] = ticket
-            try:
-                future = self._executor.submit(self._score, images, prompts, context, details)
-            except BaseException:
-                if ticket is not None:
-                    ticket.release()
-                raise
-        if ticket is not None:  # a job cancelled before it ran gives its place up (later jobs would wait)
-            future.add_done_callback(lambda done: ticket.release() if done.cancelled() else None)
+            future = submit_in_call_order(self._executor, reward, self._score, images, prompts, dict(context), details)
         return future
 
     def submit(self, images: torch.Tensor, prompts: str | Sequence[str] | None = None, **context: Any) -> Future:

@@ -36,6 +36,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from rewardkit.compose_state import submit_in_call_order
+
 __all__ = ["DDPORewardFn", "as_ddpo_reward", "row_failures"]
 
 
@@ -91,16 +93,8 @@ class DDPORewardFn:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Any] | None = None) -> tuple:
         if self.executor is None:
             return self._score(images, prompts, metadata)
-        reserve = getattr(self.reward, "reserve", None) if getattr(self.reward, "stateful", False) else None
-        ticket = reserve() if callable(reserve) else None  # the submission order is the call order
-        try:
-            job = self.executor.submit(self._score, images, prompts, metadata, ticket)
-        except BaseException:
-            if ticket is not None:
-                ticket.release()
-            raise
-        if ticket is not None:  # a job cancelled before it ran gives its place up (later jobs would wait)
-            job.add_done_callback(lambda done: ticket.release() if done.cancelled() else None)
+        # the submitting thread reserves the call's place in a z-score composition's order (docs/composition.md)
+        job = submit_in_call_order(self.executor, self.reward, self._score, images, prompts, metadata)
         rewards: Future = Future()
         info: Future = Future()
 
