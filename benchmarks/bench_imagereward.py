@@ -77,6 +77,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "medium": {"image_size": 224, "patch_size": 16, "vision_width": 384, "vision_layers": 6, "vision_heads": 6,
                "text_width": 384, "text_layers": 6, "text_heads": 6, "text_intermediate": 1536,
                "vocab_size": _VOCAB, "max_positions": 512},
+    # ImageReward v1.0's shapes (BLIP ViT-L/16 24 x 1024 + BERT-base 12 x 768 with cross-attention), with the
+    # offline WordPiece vocabulary (only the embedding table is smaller than bert-base-uncased's 30524 rows).
+    "vit-l-16": {"image_size": 224, "patch_size": 16, "vision_width": 1024, "vision_layers": 24,
+                 "vision_heads": 16, "text_width": 768, "text_layers": 12, "text_heads": 12,
+                 "text_intermediate": 3072, "vocab_size": _VOCAB, "max_positions": 512},
     "tiny": dict(TINY_IMAGEREWARD_CONFIG),  # smoke run: seconds
 }
 _BLIP_EMBED_DIM = 256  # BLIP_Pretrain(embed_dim=256): vision_proj / text_proj (unused by the reward)

@@ -32,7 +32,7 @@ def test_cpu_tiny_smoke_mode_covers_every_model(gpu_check, tmp_path):
             assert row["max_abs"] <= 1e-5, row  # the same CPU fp32 computation as the reference
     assert any(r["max_abs"] > 0 for r in rows if r["dtype"] == "bf16")  # low precision really ran
     text = gpu_check.render(rows, args)
-    assert "| pickscore | bf16 | plain |" in text and "GPU: none" in text
+    assert "| pickscore | bf16 | sdpa |" in text and "GPU: none" in text
 
 
 def test_cuda_without_a_gpu_is_refused(gpu_check, monkeypatch):

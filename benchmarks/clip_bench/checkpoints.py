@@ -45,6 +45,10 @@ class Arch:
 SIZES = {
     # ViT-B/16 CLIP (openai/clip-vit-base-patch16 shapes): ~150M parameters.
     "vit-b-16": Arch(224, 16, 768, 12, 12, 512, 12, 8, 512),
+    # OpenAI ViT-L/14 (openai/clip-vit-large-patch14: the aesthetic predictor's tower): ~430M parameters.
+    "vit-l-14": Arch(224, 14, 1024, 24, 16, 768, 12, 12, 768),
+    # laion CLIP-ViT-H-14 (PickScore_v1, HPSv2 / v2.1 towers): ~990M parameters.
+    "vit-h-14": Arch(224, 14, 1280, 32, 16, 1024, 24, 16, 1024),
     "tiny": Arch(64, 16, 64, 2, 4, 64, 2, 4, 32),  # smoke run: seconds
 }
 
