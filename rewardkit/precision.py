@@ -19,6 +19,8 @@ from typing import Iterator
 
 import torch
 
+from rewardkit.fp32_precision import ieee_float32
+
 __all__ = ["parse_dtype", "autocast_for", "dtype_name", "cpu_supports", "cast_matmul_weights"]
 
 _ALIASES: dict[str, torch.dtype | None] = {
@@ -75,18 +77,22 @@ def cpu_supports(dtype: torch.dtype) -> bool:
 def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.autocast`` for ``device``'s type with ``dtype``; with ``dtype=None``, autocast OFF.
 
-    ``None`` is the exact fp32 mode, and it stays exact when the caller runs inside its own autocast
+    ``None`` is the exact fp32 mode (IEEE float32 kernels, whatever TF32 / matmul-precision settings the
+    process has: :func:`rewardkit.fp32_precision.ieee_float32`), and it stays exact when the caller runs inside its own autocast
     region (``accelerator.autocast()``, a bf16 training step): otherwise the reward would silently run in
     bf16 and, worse, cache bf16 text embeddings that later exact calls reuse. Never hard-codes CUDA:
     the device type is taken from the tensors being processed.
     """
     device_type = torch.device(device).type
     if dtype is None:
-        if not torch.is_autocast_enabled(device_type):
-            yield
-            return
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
+        # Exact also means IEEE float32 kernels: TF32 convolutions (PyTorch's CUDA default) or bf16 matmuls set
+        # by the caller's set_float32_matmul_precision would move the scores (see rewardkit.fp32_precision).
+        with ieee_float32():
+            if not torch.is_autocast_enabled(device_type):
+                yield
+                return
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
         return
     if device_type == "cpu" and dtype not in _WARNED and not cpu_supports(dtype):
         _WARNED.add(dtype)

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rewardkit"
 
 # Layer of each top-level module or sub-package; a module may import only its own layer or lower ones.
 LAYERS = {
-    "errors": 0, "protocols": 0, "precision": 0,
+    "errors": 0, "protocols": 0, "fp32_precision": 0, "precision": 0,
     "registry": 1, "weights": 1, "checkpoint_io": 1, "preprocess": 1, "image_io": 1, "image_files": 1,
     "nets": 2,
     "rewards": 3, "metrics": 3, "vlm": 3,
