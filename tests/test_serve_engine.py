@@ -97,7 +97,7 @@ def test_greedy_answers_with_png_data_urls_equal_in_process(engine: str, folder:
 
 def test_chat_template_kwargs_reach_the_engine(engine: str, folder: Path) -> None:
     """With enable_thinking the template opens <think>; transformers serve then answers the text as
-    reasoning_content (content ""), which a judge would read as an empty answer."""
+    reasoning_content (content ""), which the client turns into a failed row (tests/test_vlm_served.py)."""
     request = _requests(1, seed=2, enable_thinking=True)[0]
     local = TransformersBackend(folder, batch_size=1).generate([request])[0].text
     body = OpenAIChatBackend(engine).payload(request)

@@ -126,6 +126,19 @@ def test_garbage_answers_become_nan_rows_with_reasons(url: str, mode: str, error
     assert judge.failure_counts == {"generation failed": 2}
 
 
+def test_an_answer_only_in_reasoning_content_fails_the_row_with_its_reason(url: str) -> None:
+    """transformers serve (and vLLM's reasoning parsers when thinking does not end) answer content "" with the
+    text in reasoning_content: a judge must not parse the thinking (or an empty verdict) as its answer."""
+    control_server(url, garbage="thinking", forced_answer="score: 4.25")  # parsable, were it content
+    backend = OpenAIChatBackend(url, api_key=_KEY, retries=0)
+    completions = backend.generate(_requests(2))
+    assert all(c.text is None and c.error.startswith("no answer: the engine returned only reasoning_content")
+               and "enable_thinking=False" in c.error for c in completions)
+    out = ScoreJudge(backend).evaluate(random_images(2))
+    assert all(math.isnan(s) for s in out.scores.tolist())
+    assert all("only reasoning_content" in reason for reason in out.details["failure"])
+
+
 def test_timeouts_fail_the_request_not_the_batch(url: str) -> None:
     control_server(url, delay=1.5)
     completions = OpenAIChatBackend(url, api_key=_KEY, timeout=0.3, retries=0).generate(_requests(2))

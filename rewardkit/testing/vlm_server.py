@@ -1,14 +1,15 @@
 """A real local OpenAI-compatible HTTP server around ``TransformersBackend``, for tests of ``OpenAIChatBackend``.
 
 ``python -m rewardkit.testing.vlm_server --model DIR --port 0 [--forced-answer TEXT] [--delay S]
-[--garbage {json,500}] [--fail-first N] [--api-key KEY] [--served-name NAME]`` loads the model folder
+[--garbage {json,500,thinking}] [--fail-first N] [--api-key KEY] [--served-name NAME]`` loads the model folder
 (e.g. ``rewardkit.testing.tiny_qwen_vl(...)``), binds a ``ThreadingHTTPServer`` on 127.0.0.1 and prints
 the bound port as its first stdout line. It serves ``GET /v1/models``, ``POST /v1/chat/completions``
 (images given as ``data:`` URLs are decoded and the answer comes from the model itself, greedy) and a
 test-only ``GET /v1/stats`` (requests seen, most requests in flight at once). Failure modes for tests:
 ``--forced-answer`` installs ``forced_answer_processor`` in the model, ``--delay`` sleeps before each
 answer (timeouts, concurrency), ``--garbage json`` answers 200 with a malformed body, ``--garbage 500``
-answers HTTP 500, ``--fail-first N`` answers 503 to the first N chat requests (retries). The same
+answers HTTP 500, ``--garbage thinking`` answers the text as ``reasoning_content`` with an empty ``content``
+(what ``transformers serve`` does with ``enable_thinking``), ``--fail-first N`` answers 503 to the first N chat requests (retries). The same
 settings can be changed while it runs with a test-only ``POST /v1/control`` whose JSON body holds any of
 ``forced_answer``, ``delay``, ``garbage``, ``fail_first`` (``fail_first`` counts from that moment), so
 one server process can serve a whole test module.
@@ -187,9 +188,11 @@ class _Handler(BaseHTTPRequestHandler):
         if completion.text is None:
             self._json(500, {"error": {"message": completion.error}})
             return
+        message = {"role": "assistant", "content": completion.text}
+        if args.garbage == "thinking":  # what `transformers serve` answers with enable_thinking: all in reasoning
+            message = {"role": "assistant", "content": "", "reasoning_content": completion.text}
         self._json(200, {"id": f"chatcmpl-{number}", "object": "chat.completion", "model": args.served_name,
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": completion.text}}]})
+                         "choices": [{"index": 0, "finish_reason": "stop", "message": message}]})
 
 
 def build_server(args: argparse.Namespace) -> ThreadingHTTPServer:
@@ -219,8 +222,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-name", default="tiny-vlm", help="the id /v1/models lists")
     parser.add_argument("--forced-answer", default=None, help="make the model answer exactly this text")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to sleep before each answer")
-    parser.add_argument("--garbage", choices=("json", "500"), default=None, const="500", nargs="?",
-                        help="answer malformed JSON (json) or HTTP 500 (500, the default of a bare --garbage)")
+    parser.add_argument("--garbage", choices=("json", "500", "thinking"), default=None, const="500", nargs="?",
+                        help="answer malformed JSON (json), HTTP 500 (500, the default of a bare --garbage), or the "
+                        "answer as reasoning_content with an empty content (thinking)")
     parser.add_argument("--fail-first", type=int, default=0, help="answer 503 to the first N chat requests")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     return parser

@@ -215,6 +215,14 @@ class OpenAIChatBackend:
             text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return Completion(None, f"malformed response (no choices[0].message.content): {str(answer)[:_EXCERPT]}")
+        reasoning = choice["message"].get("reasoning_content") or choice["message"].get("reasoning")
+        if (not isinstance(text, str) or not text.strip()) and isinstance(reasoning, str) and reasoning.strip():
+            # A reasoning parser (vLLM --reasoning-parser, transformers serve with enable_thinking) put everything
+            # in the reasoning field: the thinking never ended (max_tokens too small) or the server did not split
+            # it. Parsing the thinking as the verdict would score the wrong text, so the row fails with this reason.
+            return Completion(None, f"no answer: the engine returned only reasoning_content ({len(reasoning)} "
+                              f"characters, finish_reason={choice.get('finish_reason')!r}); raise max_new_tokens, "
+                              "set enable_thinking=False, or check the server's reasoning parser")
         if not isinstance(text, str):
             return Completion(None, f"no answer text (finish_reason={choice.get('finish_reason')!r})")
         return Completion(text)
