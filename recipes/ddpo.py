@@ -165,7 +165,8 @@ def setup(cfg: Config) -> Run:
     tracker = tracker_for(cfg.advantage_tracker, cfg.advantage_std, buffer_size=cfg.tracker_buffer_size,  # rewardkit:
                           min_count=cfg.tracker_min_count)
     start = resume(accelerator, cfg, checkpoint_state(unet, optimizer, reward, tracker),  # rewardkit: + RNG, step,
-                   callbacks=callbacks)  # and the callbacks' states (alarm history, FID reference)
+                   callbacks=callbacks,  # and the callbacks' states (alarm history, FID reference);
+                   fresh_if_missing=("tracker",))  # a checkpoint older than tracker.pt resumes with a fresh one
     return Run(accelerator, pipe, unet, params, optimizer, reward, tracker, callbacks, load_prompts(cfg), sizes, start)
 
 

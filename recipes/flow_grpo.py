@@ -311,7 +311,7 @@ def main(config: Config | Sequence[str] | None = None) -> list[dict[str, float]]
         state["tracker"] = models["tracker"]  # rewardkit: per-prompt reward history (tracker.pt)
     callbacks = rc.eval_callbacks(cfg, models["pipe"], models["reward"], accelerator)  # rewardkit: eval/*
     # rewardkit: LoRA, optimizer, normaliser, tracker, step, RNG and the callbacks (alarm history, FID reference)
-    start = rc.resume(accelerator, cfg, state, callbacks=callbacks)
+    start = rc.resume(accelerator, cfg, state, callbacks=callbacks, fresh_if_missing=("tracker",))
     progress = rc.progress_bar(accelerator, cfg, initial=start)  # rewardkit:
     history = []
     for step in range(start, cfg.max_steps):

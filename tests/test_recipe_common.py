@@ -337,6 +337,25 @@ def test_resume_latest_picks_highest_complete_step(tmp_path: Path, accelerator) 
     assert rc.resume(accelerator, cfg, {}) == 10
 
 
+def test_an_older_checkpoint_without_the_tracker_resumes_with_a_fresh_one(tmp_path: Path, accelerator,
+                                                                          caplog) -> None:
+    from rewardkit.training.trackers import PerPromptStatTracker
+
+    cfg = _Config(output_dir=str(tmp_path))
+    saved = PerPromptStatTracker("ddpo")
+    saved.update(["a cat", "a cat", "a dog"], torch.tensor([1.0, 2.0, 3.0]))
+    folder = rc.save_checkpoint(accelerator, cfg, 4, {"tracker": saved})
+    (folder / "tracker.pt").unlink()  # what a checkpoint from before trackers were saved looks like
+    fresh = PerPromptStatTracker("ddpo")
+    resumed_cfg = dataclasses.replace(cfg, resume_from=str(folder))
+    with caplog.at_level("WARNING"):
+        assert rc.resume(accelerator, resumed_cfg, {"tracker": fresh}, fresh_if_missing=("tracker",)) == 4
+    assert fresh.state_dict() == PerPromptStatTracker("ddpo").state_dict()  # untouched: starts empty
+    assert "no tracker.pt" in caplog.text and "starts fresh" in caplog.text
+    with pytest.raises(ValueError, match="tracker.pt is missing"):  # without the opt-in it stays an error
+        rc.resume(accelerator, resumed_cfg, {"tracker": PerPromptStatTracker("ddpo")})
+
+
 def test_resume_errors(tmp_path: Path, accelerator) -> None:
     cfg = _Config(output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not a complete checkpoint"):

@@ -30,7 +30,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy
 import torch
@@ -198,13 +198,17 @@ def _load_callbacks(accelerator: Any, folder: Path, callbacks: Sequence[Any]) ->
             callback.should_stop = False
 
 
-def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> int:
+def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any], callbacks: Sequence[Any] = (),
+           fresh_if_missing: Collection[str] = ()) -> int:
     """Load ``state`` from ``cfg.resume_from`` (``"latest"`` or a folder) and return the step to continue from.
 
     Returns 0 (nothing loaded) when ``cfg.resume_from`` is unset or ``"latest"`` finds no checkpoint.
     This process's RNG state is restored when the checkpoint has one for its rank. ``callbacks`` (built
     with the saved run's settings) get their states from ``callbacks.pt``; without that file (an older
-    checkpoint) they start fresh, with a warning.
+    checkpoint) they start fresh, with a warning. So do the ``state`` entries named in ``fresh_if_missing``
+    (the recipes name their advantage tracker: checkpoints written before trackers were saved have no
+    ``tracker.pt``, and the per-prompt statistics then restart empty, as in ddpo-pytorch, which never saves
+    them); any other missing entry raises.
 
     Raises:
         ValueError: an incomplete checkpoint folder, a missing entry file, mismatched LoRA keys, or saved
@@ -219,6 +223,10 @@ def resume(accelerator: Any, cfg: Any, state: Mapping[str, Any], callbacks: Sequ
         obj = _unwrap(accelerator, obj)
         kind = _kind(obj)
         path = _file(folder, name, kind)
+        if not path.is_file() and name in fresh_if_missing:
+            logger.warning("resume: %s has no %s (an older checkpoint); %s starts fresh, so the first steps after "
+                           "resuming differ from an uninterrupted run", folder, path.name, name)
+            continue
         if not path.is_file():
             present = sorted(p.name for p in folder.iterdir())
             raise ValueError(f"resume: {path.name} is missing from {folder} (it has {present}); resume with the "
