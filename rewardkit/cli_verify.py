@@ -23,7 +23,7 @@ def add_commands(commands: Any) -> None:
 
 
 def parse_options(items: list[str]) -> dict[str, dict[str, str]]:
-    """``["fid.weights=x", ...]`` -> ``{"fid": {"weights": "x"}}``.
+    """``["fid.weights=x", "hpsv2.1.config=c.json"]`` -> ``{"fid": {"weights": "x"}, "hpsv2.1": {"config": "c.json"}}``.
 
     Raises:
         ValueError: an item that is not ``NAME.KEY=VALUE``.
@@ -31,7 +31,7 @@ def parse_options(items: list[str]) -> dict[str, dict[str, str]]:
     options: dict[str, dict[str, str]] = {}
     for item in items:
         target, equals, value = item.partition("=")
-        name, dot, key = target.partition(".")
+        name, dot, key = target.rpartition(".")  # names may hold a dot (hpsv2.1), keys do not
         if not (equals and dot and name and key):
             raise ValueError(f"rewardkit verify: --set expects NAME.KEY=VALUE, got {item!r}; "
                              "e.g. --set fid.weights=/path/to/inception-2015-12-05.pt")

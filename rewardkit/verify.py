@@ -13,68 +13,34 @@ Checks (upstream side in brackets):
   module's own forward];
 * ``aesthetic``: LAION aesthetic scores [transformers ``CLIPModel.get_image_features`` ->
   numpy L2 normalisation -> the improved-aesthetic-predictor ``MLP`` (``simple_inference.py``, reproduced)];
-* ``lpips``: LPIPS distances [``lpips.LPIPS(pretrained=True)`` with rewardkit's resolved trunk tensors].
+* ``lpips``: LPIPS distances [``lpips.LPIPS(pretrained=True)`` with rewardkit's resolved trunk tensors];
+* ``pickscore``, ``clip-score``, ``hpsv2``, ``hpsv2.1``, ``bioclip``: :mod:`rewardkit.verify_clip`;
+* ``imagereward``: :mod:`rewardkit.verify_imagereward`.
+
+The row type, the reference images and prompts live in :mod:`rewardkit.verify_common`.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from rewardkit.verify_clip import CLIP_CHECKS
+from rewardkit.verify_common import UINT8_LEVELS, Check, max_abs_diff, reference_images, version_of
+from rewardkit.verify_imagereward import check_imagereward
+
 __all__ = ["Check", "CHECKS", "reference_images", "run_verify", "format_table", "write_table"]
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_SEED = 20240517  # fixed: the reference images are the same on every machine
-REFERENCE_COUNT, REFERENCE_HEIGHT, REFERENCE_WIDTH = 4, 96, 80  # small, non-square (resize paths run)
 FID_FEATURE_TOL = 1e-4  # pool3 features (about 0-5): float32 convolutions, different but equal-order kernels
 AESTHETIC_TOL = 1e-4  # aesthetic scores (about 1-10)
 LPIPS_TOL = 1e-5  # LPIPS distances (about 0-1)
-_UINT8_LEVELS = 255.0
-
-
-@dataclass
-class Check:
-    """One row of the verification table.
-
-    Attributes:
-        reward: the registry name checked.
-        upstream: the reference implementation and its version ("" when not checked).
-        max_abs_diff: max |rewardkit - upstream| over the reference images (None when not checked).
-        tolerance: the largest accepted difference.
-        passed: True / False, or None when the check could not run.
-        note: what was compared, or exactly why it could not be checked.
-    """
-
-    reward: str
-    upstream: str
-    max_abs_diff: float | None
-    tolerance: float
-    passed: bool | None
-    note: str
-
-
-def reference_images(count: int = REFERENCE_COUNT, height: int = REFERENCE_HEIGHT,
-                     width: int = REFERENCE_WIDTH) -> torch.Tensor:
-    """Deterministic, uint8-valued smooth colour images: float32 ``(count, 3, height, width)`` in ``[0, 1]``."""
-    generator = torch.Generator().manual_seed(REFERENCE_SEED)
-    coarse = torch.rand(count, 3, 5, 4, generator=generator, dtype=torch.float64)
-    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-    return (smooth.clamp(0, 1) * _UINT8_LEVELS).round().div(_UINT8_LEVELS).to(torch.float32)
-
-
-def _version(package: str) -> str:
-    return f"{package} {importlib.metadata.version(package)}"
-
-
-def _max_abs(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours.double().flatten() - theirs.double().flatten()).abs().max())
 
 
 def _check_fid(options: dict[str, Any]) -> Check:
@@ -85,10 +51,10 @@ def _check_fid(options: dict[str, Any]) -> Check:
     extractor = load_inception(path, preset="legacy-pytorch")
     images = reference_images()
     with torch.inference_mode():
-        ours = extractor(extractor.prep.tensor(images * _UINT8_LEVELS))
+        ours = extractor(extractor.prep.tensor(images * UINT8_LEVELS))
         if is_torchscript(path):  # NVIDIA's module takes the network input as rewardkit prepares it
             module = torch.jit.load(str(path), map_location="cpu").eval()
-            theirs = module(extractor.prep.tensor(images * _UINT8_LEVELS))
+            theirs = module(extractor.prep.tensor(images * UINT8_LEVELS))
             upstream = f"NVIDIA TorchScript forward (torch {torch.__version__})"
         else:
             import pytorch_fid.inception as pfi
@@ -100,8 +66,8 @@ def _check_fid(options: dict[str, Any]) -> Check:
             finally:
                 pfi.load_state_dict_from_url = original
             theirs = net(images)[0].flatten(1)
-            upstream = _version("pytorch-fid")
-    diff = _max_abs(ours, theirs)
+            upstream = version_of("pytorch-fid")
+    diff = max_abs_diff(ours, theirs)
     return Check("fid", upstream, diff, FID_FEATURE_TOL, diff <= FID_FEATURE_TOL,
                  f"pool3 features of {len(images)} images ({path.name})")
 
@@ -145,8 +111,8 @@ def _check_aesthetic(options: dict[str, Any]) -> Check:
         embeds = getattr(embeds, "pooler_output", embeds).numpy()  # transformers 5 may wrap the tensor
         norms = np.linalg.norm(embeds, 2, -1, keepdims=True)
         theirs = mlp.eval()(torch.from_numpy(embeds / np.where(norms == 0, 1, norms)).float()).squeeze(-1)
-    diff = _max_abs(ours, theirs)
-    return Check("aesthetic", f"{_version('transformers')} + improved-aesthetic-predictor MLP", diff, AESTHETIC_TOL,
+    diff = max_abs_diff(ours, theirs)
+    return Check("aesthetic", f"{version_of('transformers')} + improved-aesthetic-predictor MLP", diff, AESTHETIC_TOL,
                  diff <= AESTHETIC_TOL, f"scores of {len(images)} images (head {head.name}, CLIP {clip.name})")
 
 
@@ -166,13 +132,14 @@ def _check_lpips(options: dict[str, Any]) -> Check:
     with torch.inference_mode():
         ours = ours_metric(images, reference=other)
         theirs = reference(images * 2 - 1, other * 2 - 1).flatten()
-    diff = _max_abs(ours, theirs)
-    return Check("lpips", _version("lpips"), diff, LPIPS_TOL, diff <= LPIPS_TOL,
+    diff = max_abs_diff(ours, theirs)
+    return Check("lpips", version_of("lpips"), diff, LPIPS_TOL, diff <= LPIPS_TOL,
                  f"{net} distances of {len(images)} pairs (lpips' own heads, rewardkit's trunk tensors)")
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], Check]] = {
-    "fid": _check_fid, "aesthetic": _check_aesthetic, "lpips": _check_lpips,
+    "fid": _check_fid, "aesthetic": _check_aesthetic, "lpips": _check_lpips, **CLIP_CHECKS,
+    "imagereward": check_imagereward,
 }
 _NOT_CHECKABLE = (OSError, ImportError, RuntimeError)  # offline / not cached, upstream missing, hub errors
 

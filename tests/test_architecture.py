@@ -19,6 +19,7 @@ LAYERS = {
     "nets": 2,
     "rewards": 3, "metrics": 3, "vlm": 3,
     "compose": 4, "compose_state": 4, "compose_checks": 4, "compose_exact": 4, "training": 4, "report": 4, "eval_report": 4, "verify": 4,
+    "verify_common": 4, "verify_clip": 4, "verify_imagereward": 4,
     "integrations": 5, "serve": 5,
     "compat": 6, "recipe_support": 6,
     "cli": 7, "cli_checks": 7, "cli_inputs": 7, "cli_metrics": 7, "cli_compare": 7, "cli_geneval": 7, "cli_serve": 7,
@@ -27,8 +28,11 @@ LAYERS = {
 }
 # Lazy ``load(...)`` hooks that resolve a registry name into its factory go upward by design: the registry
 # names every factory as a string, and these two are the only import statements that reach up from it.
-ALLOWED_UPWARD = {("registry", "serve")}
-MAY_IMPORT_TESTING = {"testing", "recipe_support", "cli", "cli_checks", "cli_inputs", "cli_metrics", "cli_geneval", "cli_serve", "serve"}
+# verify_imagereward runs upstream ImageReward through the one bridge to transformers 5 that the parity tests and the
+# benchmark use (testing.imagereward_upstream), rather than a second copy of it.
+ALLOWED_UPWARD = {("registry", "serve"), ("verify_imagereward", "testing")}
+MAY_IMPORT_TESTING = {"testing", "recipe_support", "cli", "cli_checks", "cli_inputs", "cli_metrics", "cli_geneval", "cli_serve", "serve",
+                     "verify_imagereward"}  # the upstream ImageReward bridge (above)
 
 
 def _modules() -> dict[str, Path]:

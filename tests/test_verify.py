@@ -114,4 +114,6 @@ def test_bad_usage_is_refused_before_any_work(capsys):
     with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
         parse_options(["fid=weights"])
     assert parse_options(["fid.weights=a=b"]) == {"fid": {"weights": "a=b"}}
-    assert set(CHECKS) == {"fid", "aesthetic", "lpips"}
+    assert set(CHECKS) == {"fid", "aesthetic", "lpips", "pickscore", "clip-score", "hpsv2", "hpsv2.1", "bioclip",
+                           "imagereward"}
+    assert parse_options(["hpsv2.1.weights=x.pt"]) == {"hpsv2.1": {"weights": "x.pt"}}
