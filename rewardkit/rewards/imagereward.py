@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardkit.nets.blip import ImageRewardConfig, ImageRewardNet
-from rewardkit.precision import autocast_for, parse_dtype
+from rewardkit.precision import autocast_for, cast_matmul_weights, parse_dtype
 from rewardkit.preprocess import PreprocessSpec, preprocess
 from rewardkit.protocols import Reward, RewardOutput
 from rewardkit.rewards.exact_path import ExactPathMixin
@@ -116,6 +116,12 @@ class ImageRewardReward(ExactPathMixin, Reward):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.autocast_dtype = parse_dtype(dtype)
+        if self.autocast_dtype is not None:
+            # Fast mode: the ViT / BERT Linear and Conv weights are held in the low dtype once, so autocast does not
+            # re-cast ~all parameters at every call (rewardkit.precision); LayerNorms, embeddings and the MLP head
+            # keep float32 (raw_scores runs the head in float32). ``net`` is this reward's own copy (load_net).
+            cast_matmul_weights(net.visual_encoder, self.autocast_dtype)
+            cast_matmul_weights(net.text_encoder, self.autocast_dtype)
         self.spec = PreprocessSpec(size=net.config.image_size)  # torchvision pipeline, round crop, OpenAI mean/std
         self.freeze()
 
@@ -202,7 +208,8 @@ def load(weights: Any = None, device: Any = None, dtype: Any = None, *,
         weights: ``ImageReward.pt`` / DiffSynth ``ImageReward/model.safetensors`` (a file, a folder holding one,
             ``hf:`` / ``ms:``); default ``hf:THUDM/ImageReward/ImageReward.pt``.
         device: where the model lives (default CPU).
-        dtype: ``None`` (exact fp32) or ``"bf16"`` / ``"fp16"`` autocast of the towers (MLP in fp32).
+        dtype: ``None`` (exact fp32) or ``"bf16"`` / ``"fp16"``: the towers' matmul weights held in that dtype
+            and run under autocast (norms, embeddings and the MLP head in fp32).
         config: :class:`rewardkit.nets.blip.ImageRewardConfig` (or a dict of its fields) for other sizes.
         tokenizer: a BERT tokenizer folder / spec; default: the one beside the weights, else bert-base-uncased.
         max_length: prompt tokens incl. ``[CLS]`` / ``[SEP]`` (upstream 35).
@@ -213,5 +220,12 @@ def load(weights: Any = None, device: Any = None, dtype: Any = None, *,
     weight_file = _weight_file(path)
     net = load_net(weight_file, config)
     tok = load_tokenizer(_tokenizer_dir(tokenizer, weight_file), **(tokenizer_kwargs or {}))
+    low = parse_dtype(dtype)  # raises on an unknown dtype before the towers are cast
+    if low is not None:
+        # Fast mode: the ViT's and BERT's Linear / patch Conv weights held in ``low`` once (this net is this
+        # reward's own), so autocast does not re-cast every frozen fp32 weight at every call; LayerNorms,
+        # embeddings, cls/pos tokens and the MLP head stay float32 (upstream's MLP runs in fp32, see raw_scores).
+        cast_matmul_weights(net.visual_encoder, low)
+        cast_matmul_weights(net.text_encoder, low)
     reward = ImageRewardReward(net, tok, max_length=max_length, dtype=dtype)
     return reward.to(torch.device("cpu") if device is None else torch.device(device))
