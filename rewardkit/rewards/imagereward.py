@@ -116,12 +116,6 @@ class ImageRewardReward(ExactPathMixin, Reward):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.autocast_dtype = parse_dtype(dtype)
-        if self.autocast_dtype is not None:
-            # Fast mode: the ViT / BERT Linear and Conv weights are held in the low dtype once, so autocast does not
-            # re-cast ~all parameters at every call (rewardkit.precision); LayerNorms, embeddings and the MLP head
-            # keep float32 (raw_scores runs the head in float32). ``net`` is this reward's own copy (load_net).
-            cast_matmul_weights(net.visual_encoder, self.autocast_dtype)
-            cast_matmul_weights(net.text_encoder, self.autocast_dtype)
         self.spec = PreprocessSpec(size=net.config.image_size)  # torchvision pipeline, round crop, OpenAI mean/std
         self.freeze()
 
@@ -215,12 +209,12 @@ def load(weights: Any = None, device: Any = None, dtype: Any = None, *,
         max_length: prompt tokens incl. ``[CLS]`` / ``[SEP]`` (upstream 35).
         tokenizer_kwargs: passed to ``BertTokenizer.from_pretrained``.
     """
+    low = parse_dtype(dtype)  # raises on an unknown dtype before any weight is read
     path = resolve_weights(weights or DEFAULT_WEIGHTS, allow_patterns=_TOKENIZER_PATTERNS + list(WEIGHT_FILES),
                            what="imagereward weights")
     weight_file = _weight_file(path)
     net = load_net(weight_file, config)
     tok = load_tokenizer(_tokenizer_dir(tokenizer, weight_file), **(tokenizer_kwargs or {}))
-    low = parse_dtype(dtype)  # raises on an unknown dtype before the towers are cast
     if low is not None:
         # Fast mode: the ViT's and BERT's Linear / patch Conv weights held in ``low`` once (this net is this
         # reward's own), so autocast does not re-cast every frozen fp32 weight at every call; LayerNorms,
