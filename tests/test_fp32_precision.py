@@ -26,17 +26,26 @@ def _ieee() -> list:
     return [ieee for _, _, ieee in _knobs()]
 
 
+def _all_knobs() -> list[tuple[object, str]]:
+    """Every precision setting the process has, the root one included (restored exactly, with one API)."""
+    knobs = [(target, attribute) for target, attribute, _ in _knobs()]
+    if hasattr(torch.backends, "fp32_precision"):
+        knobs.insert(0, (torch.backends, "fp32_precision"))
+    return knobs
+
+
 @pytest.fixture()
 def medium_precision():
-    """The caller's process-wide setting a Lightning / diffusers training script often makes."""
-    before = torch.get_float32_matmul_precision()
-    saved = _settings()
+    """The caller's process-wide setting a Lightning / diffusers training script often makes. Restored knob by
+    knob afterwards: restoring through the legacy calls would leave other knobs than the ones found (torch warns
+    against mixing its two APIs), and later tests build checkpoints whose bytes depend on them."""
+    saved = [(target, attribute, getattr(target, attribute)) for target, attribute in _all_knobs()]
     torch.set_float32_matmul_precision("medium")
     torch.backends.cudnn.allow_tf32 = True
     yield _settings()
-    for (target, attribute, _), value in zip(_knobs(), saved):
+    for target, attribute, value in reversed(saved):
         setattr(target, attribute, value)
-    torch.set_float32_matmul_precision(before)
+    assert [getattr(t, a) for t, a, _ in saved] == [value for _, _, value in saved]
 
 
 def test_the_guard_pins_ieee_inside_and_restores_the_callers_settings(medium_precision):
@@ -111,7 +120,7 @@ def test_exact_reward_scores_ignore_the_callers_matmul_precision(tmp_path, mediu
     with torch.inference_mode():
         under_medium = reward(images, prompts)
         reward.prompt_cache.clear()
-        torch.set_float32_matmul_precision("highest")
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"  # what "highest" means for oneDNN
         under_highest = reward(images, prompts)
     assert inside and all(settings == _ieee() for settings in inside)
     assert torch.equal(under_medium, under_highest)

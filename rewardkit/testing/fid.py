@@ -111,7 +111,12 @@ def build_random_fid_inception(seed: int = 0) -> nn.Module:
 
 @functools.lru_cache(maxsize=1)  # both layouts of one seed are built once per process (~95 MB kept)
 def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    return build_random_fid_inception(seed).state_dict()
+    from rewardkit.fp32_precision import ieee_float32
+
+    # The calibration's forward passes must not follow a caller's set_float32_matmul_precision (bf16 matmuls
+    # through oneDNN): the weights, and the sha256 that FID statistics record, would depend on it.
+    with ieee_float32():
+        return build_random_fid_inception(seed).state_dict()
 
 
 def tiny_fid_inception(root: str | Path, layout: str = "upstream", seed: int = 0) -> dict[str, str]:
