@@ -103,3 +103,66 @@ def test_fast_clip_rewards_hold_bf16_weights_apart_from_exact_ones(tiny_root) ->
         theirs = reference.details[key] if key else reference.scores
         gap = (ours - theirs).abs().max().item()
         assert 0 < gap <= tolerance, (name, gap)
+
+
+def _attention_pair(batch_first: bool = True) -> tuple[torch.nn.MultiheadAttention, torch.nn.MultiheadAttention]:
+    import copy
+
+    from rewardkit.precision import route_attention_through_sdpa
+
+    torch.manual_seed(0)
+    plain = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        plain.in_proj_bias.normal_()
+        plain.out_proj.bias.normal_()
+    return plain, route_attention_through_sdpa(copy.deepcopy(plain))
+
+
+def test_sdpa_self_attention_equals_multihead_attention() -> None:
+    """Same parameters, same outputs as torch's path for open_clip's call (batch-first self-attention with a float
+    causal mask, need_weights=False), gradients included; every other call is torch's own forward."""
+    import pickle
+
+    from rewardkit.precision import SdpaSelfAttention
+
+    plain, routed = _attention_pair()
+    assert type(routed) is SdpaSelfAttention and type(plain) is torch.nn.MultiheadAttention
+    assert routed.state_dict().keys() == plain.state_dict().keys()
+    mask = torch.full((7, 7), float("-inf")).triu(1)  # open_clip's build_causal_mask
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    for attn_mask in (mask, None):
+        expected = plain(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+        got, weights = routed(x, x, x, need_weights=False, attn_mask=attn_mask)
+        assert weights is None
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    grad_plain, = torch.autograd.grad(plain(x, x, x, need_weights=False, attn_mask=mask)[0].sum(), x)
+    grad_routed, = torch.autograd.grad(routed(x, x, x, need_weights=False, attn_mask=mask)[0].sum(), x)
+    torch.testing.assert_close(grad_routed, grad_plain, rtol=1e-5, atol=1e-6)
+    # Fallbacks: attention weights requested, a padding mask, cross-attention.
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[:, -2:] = True
+    y = torch.randn(3, 5, 16)
+    for args, kwargs in (((x, x, x), {"attn_mask": mask}), ((x, x, x), {"key_padding_mask": padding}),
+                         ((y, x, x), {"need_weights": False})):
+        for got, expected in zip(routed(*args, **kwargs), plain(*args, **kwargs)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(routed))  # a reward holding it pickles
+    torch.testing.assert_close(again(x, x, x, need_weights=False)[0], routed(x, x, x, need_weights=False)[0])
+
+
+def test_sdpa_self_attention_in_bf16_stays_close_to_fp32() -> None:
+    """With bf16 weights under CPU autocast (the fast mode), the routed attention stays within bf16 rounding of the
+    fp32 module: measured max |Δ| 8.0e-3 on outputs of std 1.0 here; allowed 5e-2."""
+    from rewardkit.precision import cast_matmul_weights
+
+    plain, routed = _attention_pair()
+    cast_matmul_weights(routed, torch.bfloat16)
+    mask = torch.full((9, 9), float("-inf")).triu(1)
+    x = torch.randn(2, 9, 16)
+    with torch.inference_mode():
+        expected = plain(x, x, x, need_weights=False, attn_mask=mask)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = routed(x, x, x, need_weights=False, attn_mask=mask)[0]
+    assert got.dtype == torch.bfloat16
+    gap = (got.float() - expected).abs().max().item()
+    assert 0 < gap < 5e-2, gap

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from rewardkit.nets.clip import ClipTowers, HFClipTowers, OpenClipTowers, build_open_clip_model
-from rewardkit.precision import cast_matmul_weights
+from rewardkit.precision import cast_matmul_weights, route_attention_through_sdpa
 from rewardkit.weights import (
     drop_keys,
     load_state_dict_strict,
@@ -109,7 +109,8 @@ def fast_towers(towers: ClipTowers, dtype: torch.dtype | None) -> ClipTowers:
     """``towers`` for exact mode (``dtype=None``); else a shared copy whose matmul weights are ``dtype``.
 
     The copy is made once per (towers, dtype) and lives as long as a reward holds it; the exact towers are
-    never modified, so exact-mode rewards on the same weights keep their float32 scores.
+    never modified, so exact-mode rewards on the same weights keep their float32 scores. The copy's
+    ``nn.MultiheadAttention`` (open_clip) runs through SDPA (``precision.SdpaSelfAttention``).
     """
     if dtype is None:
         return towers
@@ -120,7 +121,7 @@ def fast_towers(towers: ClipTowers, dtype: torch.dtype | None) -> ClipTowers:
         if dtype not in per_dtype:
             fast = copy.deepcopy(towers)
             fast._rk_preprocess_cfg = getattr(towers, "_rk_preprocess_cfg", {})
-            per_dtype[dtype] = cast_matmul_weights(fast, dtype)
+            per_dtype[dtype] = route_attention_through_sdpa(cast_matmul_weights(fast, dtype))
         return per_dtype[dtype]
 
 
