@@ -87,24 +87,17 @@ def ceiling(batch: int, repeats: int) -> list[str]:
     return rows
 
 
-# BLIP-base's shapes (ViT-B/16 768 x 12 + BERT-base 768 x 12 with cross-attention, FFN 3072): ImageReward at
-# ViT-B/16 size (v1.0 itself is BLIP-large, ViT-L/16), with the offline WordPiece vocabulary of rewardkit.testing.
-IMAGEREWARD_VIT_B16 = {"image_size": 224, "patch_size": 16, "vision_width": 768, "vision_layers": 12,
-                       "vision_heads": 12, "text_width": 768, "text_layers": 12, "text_heads": 12,
-                       "text_intermediate": 3072, "max_positions": 512}
-
-
 def write_kwargs(name: str, root: Path) -> dict:
     """``rk.load`` kwargs of ``name``'s seeded ViT-B/16-size checkpoint in its real format, written under ``root``."""
     if name != "imagereward":
         return write_checkpoint(name, root / name, SIZES["vit-b-16"], 0)["rk"]
+    from bench_imagereward import SIZES as IMAGEREWARD_SIZES
     from bench_imagereward import write_checkpoint as write_imagereward
 
     from rewardkit.nets.blip import ImageRewardConfig
-    from rewardkit.testing.imagereward import TINY_IMAGEREWARD_CONFIG
 
-    config = {**IMAGEREWARD_VIT_B16, "vocab_size": TINY_IMAGEREWARD_CONFIG["vocab_size"]}
-    return write_imagereward(root / name, ImageRewardConfig.coerce(config), 0)
+    # BLIP-base (ViT-B/16 + BERT-base): ImageReward at ViT-B/16 size (v1.0 itself is BLIP-large, ViT-L/16).
+    return write_imagereward(root / name, ImageRewardConfig.coerce(IMAGEREWARD_SIZES["vit-b-16"]), 0)
 
 
 def bench(name: str, root: Path, images: torch.Tensor, prompts: list[str], repeats: int) -> str:

@@ -77,6 +77,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "medium": {"image_size": 224, "patch_size": 16, "vision_width": 384, "vision_layers": 6, "vision_heads": 6,
                "text_width": 384, "text_layers": 6, "text_heads": 6, "text_intermediate": 1536,
                "vocab_size": _VOCAB, "max_positions": 512},
+    # BLIP-base's shapes (ViT-B/16 768 x 12 + BERT-base 768 x 12 with cross-attention): ImageReward at ViT-B/16 size.
+    "vit-b-16": {"image_size": 224, "patch_size": 16, "vision_width": 768, "vision_layers": 12,
+                 "vision_heads": 12, "text_width": 768, "text_layers": 12, "text_heads": 12,
+                 "text_intermediate": 3072, "vocab_size": _VOCAB, "max_positions": 512},
     # ImageReward v1.0's shapes (BLIP ViT-L/16 24 x 1024 + BERT-base 12 x 768 with cross-attention), with the
     # offline WordPiece vocabulary (only the embedding table is smaller than bert-base-uncased's 30524 rows).
     "vit-l-16": {"image_size": 224, "patch_size": 16, "vision_width": 1024, "vision_layers": 24,

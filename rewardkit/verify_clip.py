@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rewardkit.verify_common import REFERENCE_PROMPTS, Check, max_abs_diff, reference_pil_images, version_of
+from rewardkit.verify_common import REFERENCE_PROMPTS, Check, json_option, max_abs_diff, reference_pil_images, version_of
 
 __all__ = ["CLIP_CHECKS", "PICKSCORE_TOL", "CLIP_SCORE_TOL", "HPS_TOL", "BIOCLIP_TOL"]
 
@@ -151,17 +151,13 @@ def hpsv2_open_clip() -> Iterator[types.ModuleType]:
 
 
 def _check_hps(name: str, default_weights: str, options: dict[str, Any]) -> Check:
-    import json
-
     import rewardkit as rk
     from rewardkit.rewards.hps import HPS_ARCHITECTURE
     from rewardkit.weights import resolve_weights
 
     upstream = f"{version_of('hpsv2')} (its vendored open_clip, img_score.py)"  # before any download
     path = Path(resolve_weights(options.get("weights") or default_weights, what=name))
-    config = options.get("config")  # an open_clip model config: a dict, or a JSON file
-    if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
+    config = json_option(options.get("config"))  # an open_clip model config: a dict, or a JSON file
     images, prompts = reference_pil_images(), list(REFERENCE_PROMPTS)
     reward = rk.load(name, weights=str(path), config=config)
     with hpsv2_open_clip() as vendored, torch.inference_mode():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = ["Check", "reference_images", "reference_pil_images", "REFERENCE_PROMPTS", "version_of", "max_abs_diff",
-           "UINT8_LEVELS"]
+           "json_option", "UINT8_LEVELS"]
 
 REFERENCE_SEED = 20240517  # fixed: the reference images are the same on every machine
 REFERENCE_COUNT, REFERENCE_HEIGHT, REFERENCE_WIDTH = 4, 96, 80  # small, non-square (resize paths run)
@@ -74,7 +77,11 @@ REFERENCE_PROMPTS = ("a photograph of a red fox in the snow", "a bowl of fruit o
 
 def reference_pil_images() -> list:
     """:func:`reference_images` as 8-bit RGB PIL images (what the upstream packages and the exact paths take)."""
-    from PIL import Image
+    from rewardkit.vlm.judge import tensor_to_pil
 
-    arrays = (reference_images() * UINT8_LEVELS).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(array, "RGB") for array in arrays]
+    return tensor_to_pil(reference_images())  # exact: the images are k / 255 values
+
+
+def json_option(value: Any) -> Any:
+    """A ``--set`` option that may name a JSON file (``config=cfg.json``): its content; anything else unchanged."""
+    return json.loads(Path(value).read_text()) if isinstance(value, (str, Path)) else value

@@ -8,13 +8,12 @@ files instead of downloading them. Install the reference with ``pip install --no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rewardkit.verify_common import REFERENCE_PROMPTS, Check, max_abs_diff, reference_pil_images, version_of
+from rewardkit.verify_common import REFERENCE_PROMPTS, Check, json_option, max_abs_diff, reference_pil_images, version_of
 
 __all__ = ["check_imagereward", "IMAGEREWARD_TOL"]
 
@@ -40,9 +39,7 @@ def check_imagereward(options: dict[str, Any]) -> Check:
                            allow_patterns=_TOKENIZER_PATTERNS + list(WEIGHT_FILES), what="imagereward weights")
     weight_file = _weight_file(Path(path))
     tokenizer = _tokenizer_dir(options.get("tokenizer"), weight_file)
-    config = options.get("config")
-    if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
+    config = json_option(options.get("config"))
     images, prompts = reference_pil_images(), list(REFERENCE_PROMPTS)
     reward = rk.load("imagereward", weights=str(weight_file), tokenizer=str(tokenizer), config=config)
     with upstream_imagereward() as upstream, torch.inference_mode():
