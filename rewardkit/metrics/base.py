@@ -14,8 +14,10 @@ extractor's exact or batched preprocessing (``rewardkit.metrics.extractor``):
 * any other iterable (e.g. a ``DataLoader``) yielding tensors, ``(images, labels, ...)`` tuples (the
   first element is used) or lists of PIL images: each item is treated as above.
 
-Features are extracted under ``torch.inference_mode`` in float32 (``dtype="bf16"`` = autocast, opt-in:
-it moves Inception features by ~0.8 % of their range, not a parity mode), and handed to
+Features are extracted under ``torch.inference_mode`` in float32. ``dtype="bf16"``/``"fp16"`` is the opt-in
+fast mode, not a parity mode: the network runs under autocast through ``extractor.forward_low_precision``
+(the FID Inception there holds a BatchNorm-folded, low-precision, channels-last copy of itself; with the real
+weights it moves pool3 features by about 2 % of their maximum, see docs/speed.md). Features are
 staged by ``update``: an update is all or nothing. A folder with a corrupt file raises
 ``ImageLoadError`` naming the file and leaves the metric as it was, so a retry does not count the
 images twice. Staging holds features (float64 sums for Gaussian metrics, feature rows for the others),
@@ -202,7 +204,10 @@ class FeatureMetric(nn.Module):
             description=description)
         for prepared in batches:
             with torch.inference_mode(), autocast_for(self.device, self.dtype):
-                features = self.extractor(prepared)
+                if self.dtype is None:
+                    features = self.extractor(prepared)
+                else:
+                    features = self.extractor.forward_low_precision(prepared, self.dtype)
             features = features.float().cpu()
             if not torch.isfinite(features).all():
                 raise ValueError(f"{self.name}: the extractor returned NaN/inf features; check the weights "

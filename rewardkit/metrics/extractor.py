@@ -67,6 +67,17 @@ class FeatureExtractor(nn.Module):
         """Prepared input ``(B, 3, *prep.size)`` -> float32 features ``(B, feature_dim)``."""
         raise NotImplementedError
 
+    def forward_low_precision(self, prepared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fast mode's forward (``dtype`` bf16/fp16), called under autocast for ``dtype``.
+
+        By default the exact network under the caller's autocast. Extractors whose network gains from holding its
+        weights in ``dtype`` once override this (the FID Inception: ``InceptionExtractor``).
+
+        Returns:
+            float32 ``(B, feature_dim)`` features, as :meth:`forward`.
+        """
+        return self(prepared)
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         # Feature extractors are always in eval mode: BatchNorm in train mode breaks FID
         # (pytorch-fid #118) and dropout would make features random.

@@ -27,19 +27,22 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import zipfile
 
 import torch
 
 from rewardkit.metrics.extractor import FeatureExtractor, ImagePrep
 from rewardkit.metrics.fid_presets import DEFAULT_PRESET, get_preset
-from rewardkit.nets.fid_inception import FID_INCEPTION_FEATURE_DIM, FIDInceptionV3, torchscript_to_torchvision_keys
+from rewardkit.nets.fid_inception import (FID_INCEPTION_FEATURE_DIM, FIDInceptionV3, low_precision_copy,
+                                          torchscript_to_torchvision_keys)
 from rewardkit.weights import file_sha256, load_state_dict_strict, read_state_dict, resolve_weights
 
 __all__ = ["InceptionExtractor", "load_inception", "EXTRACTOR_NAME", "PYTORCH_FID_WEIGHTS_URL",
            "TORCH_FIDELITY_WEIGHTS_URL", "DIFFSYNTH_FID_WEIGHTS", "NVIDIA_FID_WEIGHTS_URL"]
 
 EXTRACTOR_NAME = "fid-inception-v3-2015-12-05"
+_LOW_PRECISION_LOCK = threading.Lock()
 PYTORCH_FID_WEIGHTS_URL = (  # pytorch_fid/inception.py FID_WEIGHTS_URL
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
@@ -83,6 +86,9 @@ class InceptionExtractor(FeatureExtractor):
         self.net = net if net is not None else FIDInceptionV3()
         self.prep = get_preset(prep) if isinstance(prep, str) else prep
         self.weights_sha256 = weights_sha256
+        # dtype -> (fingerprint of the exact tensors, low-precision copy); a plain dict, so neither state_dict()
+        # nor .to() sees the copies.
+        self._low_precision: dict[torch.dtype, tuple[tuple, FIDInceptionV3]] = {}
         self.freeze()
 
     def forward(self, prepared: torch.Tensor) -> torch.Tensor:
@@ -95,13 +101,40 @@ class InceptionExtractor(FeatureExtractor):
         Returns:
             float32 ``(B, 2048)`` pool3 features (>= 0) on the network's device.
         """
+        self._check_prepared(prepared)
+        weight = self.net.Conv2d_1a_3x3.conv.weight  # fc may be absent (feature-only weight files)
+        return self.net(prepared.to(device=weight.device, dtype=weight.dtype))
+
+    def forward_low_precision(self, prepared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fast mode: the network with BatchNorm folded into the convs, held in ``dtype``, channels-last.
+
+        The copy (``rewardkit.nets.fid_inception.low_precision_copy``) is built on first use and rebuilt when
+        the exact network's tensors change (``load_state_dict``, ``.to(device)``); the exact network is never
+        touched. Same input and output as :meth:`forward`; not a parity mode (docs/speed.md).
+        """
+        self._check_prepared(prepared)
+        net = self._low_precision_net(dtype)
+        weight = net.Conv2d_1a_3x3.conv.weight
+        return net(prepared.to(device=weight.device, dtype=dtype).contiguous(memory_format=torch.channels_last))
+
+    def _low_precision_net(self, dtype: torch.dtype) -> FIDInceptionV3:
+        # Keyed on every tensor's storage and version: a copy built before load_state_dict / .to() would
+        # otherwise keep scoring with the old weights, silently.
+        tensors = [*self.net.parameters(), *self.net.buffers()]
+        fingerprint = tuple((t.device, t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        with _LOW_PRECISION_LOCK:  # threads sharing one metric build the copy once
+            cached = self._low_precision.get(dtype)
+            if cached is None or cached[0] != fingerprint:
+                cached = (fingerprint, low_precision_copy(self.net, dtype))
+                self._low_precision[dtype] = cached
+            return cached[1]
+
+    def _check_prepared(self, prepared: torch.Tensor) -> None:
         expected = (3, *self.prep.size)
         if not isinstance(prepared, torch.Tensor) or prepared.ndim != 4 or tuple(prepared.shape[1:]) != expected:
             got = tuple(prepared.shape) if isinstance(prepared, torch.Tensor) else type(prepared).__name__
             raise ValueError(f"{self.name}: expected prepared input (B, {', '.join(map(str, expected))}), got {got}; "
                              "fix: pass images through extractor.prep.tensor(...) or extractor.prep.pil(...) first")
-        weight = self.net.Conv2d_1a_3x3.conv.weight  # fc may be absent (feature-only weight files)
-        return self.net(prepared.to(device=weight.device, dtype=weight.dtype))
 
     def logits_unbiased(self, features: torch.Tensor) -> torch.Tensor:
         """pool3 features ``(B, 2048)`` -> float32 ``(B, 1008)`` logits without the fc bias (Inception Score)."""

@@ -28,14 +28,17 @@ Architecture only: no file paths, no downloads (see ``rewardkit.metrics.inceptio
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import inception as tv_inception
 
 __all__ = ["FIDInceptionV3", "FID_INCEPTION_NUM_CLASSES", "FID_INCEPTION_FEATURE_DIM", "FID_INCEPTION_INPUT_SIZE",
+           "low_precision_copy",
            "torchscript_to_torchvision_keys"]
 
 FID_INCEPTION_NUM_CLASSES = 1008  # TF graph softmax width: 1000 ImageNet classes + 8 unused (pytorch-fid)
@@ -157,6 +160,36 @@ class FIDInceptionV3(tv_inception.Inception3):
                              "fix: load pytorch-fid's pt_inception-2015-12-05-6726825d.pth or NVIDIA's "
                              "inception-2015-12-05.pt")
         return pool3.to(self.fc.weight.dtype).mm(self.fc.weight.T).to(torch.float32)
+
+
+def low_precision_copy(net: FIDInceptionV3, dtype: torch.dtype) -> FIDInceptionV3:
+    """A feature-only copy of ``net`` for the fast mode: BatchNorm folded into the convs, weights in ``dtype``,
+    channels-last.
+
+    Every ``BasicConv2d`` is conv (no bias) -> BatchNorm (eval) -> ReLU; the BatchNorm is an affine map per
+    channel, so it is folded into the conv's weight and a bias in float32 (``torch.nn.utils.fusion``) before the
+    cast, and the copy runs one conv per block instead of conv + normalisation. Channels-last is oneDNN's native
+    convolution layout (NCHW input is reordered at every conv). Measured on a 2-CPU AVX512-BF16 EPYC with the real
+    weights, 16 images: float32 1.78 s, bf16 autocast 0.97 s, this copy 0.61 s (2.9x); pool3 features move by
+    about 4 % of their range (not a parity mode: docs/speed.md).
+
+    Args:
+        net: the exact network (left untouched, on any device).
+        dtype: ``torch.bfloat16`` or ``torch.float16``.
+
+    Returns:
+        A frozen copy on ``net``'s device without the classifier; feed it ``(B, 3, 299, 299)`` in ``dtype``,
+        channels-last; it returns float32 ``(B, 2048)`` pool3 features.
+    """
+    fast = copy.deepcopy(net)
+    if fast.has_classifier:
+        del fast.fc  # the copy only embeds: the Inception Score's logits use the exact classifier
+        fast.has_classifier = False
+    for block in fast.modules():
+        if isinstance(block, tv_inception.BasicConv2d):
+            block.conv = fuse_conv_bn_eval(block.conv.eval(), block.bn.eval())
+            block.bn = nn.Identity()
+    return fast.to(dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # NVIDIA TorchScript (TF graph) names -> torchvision names. Stem convs, then the Mixed blocks by kind.
