@@ -91,6 +91,18 @@ def load_options(name: str, weights: str, root: Path, aesthetic_head: Path | Non
     return options
 
 
+class FastInception(torch.nn.Module):
+    """An ``InceptionExtractor``'s fast-mode forward as a module of its own, so that ``.to()`` moves it and the
+    ``compile`` variant compiles what rewardkit's FID runs in ``dtype`` (not the exact network)."""
+
+    def __init__(self, extractor: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.extractor, self.dtype, self.prep = extractor, dtype, extractor.prep
+
+    def forward(self, prepared: torch.Tensor) -> torch.Tensor:
+        return self.extractor.forward_low_precision(prepared, self.dtype)
+
+
 class Model:
     """A loaded model plus how to call it: ``images (B,3,H,W) in [0,1] -> float32 (B,)`` or ``(B, D)``."""
 
@@ -102,8 +114,13 @@ class Model:
         if name == "fid-inception":
             from rewardkit.metrics.inception import load_inception
 
-            # The extractor takes no dtype=: low precision is autocast around it (rewardkit's FID does the same).
-            self.module: torch.nn.Module = load_inception(options.get("weights"))
+            from rewardkit.precision import parse_dtype
+
+            # The extractor takes no dtype=: rewardkit's FID runs its forward_low_precision (the BatchNorm-folded
+            # copy in the low dtype) under autocast, and so does this check.
+            extractor = load_inception(options.get("weights"))
+            low = parse_dtype(mode)
+            self.module: torch.nn.Module = extractor if low is None else FastInception(extractor, low)
             self.call: Callable[..., torch.Tensor] = lambda m, x: m(m.prep.tensor(x * 255))
             self.autocast = mode
         elif name == "lpips":
