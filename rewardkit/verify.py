@@ -34,7 +34,7 @@ from rewardkit.verify_clip import CLIP_CHECKS
 from rewardkit.verify_common import UINT8_LEVELS, Check, max_abs_diff, reference_images, version_of
 from rewardkit.verify_imagereward import check_imagereward
 
-__all__ = ["Check", "CHECKS", "reference_images", "run_verify", "format_table", "write_table"]
+__all__ = ["Check", "CHECKS", "NO_CHECK", "reference_images", "run_verify", "format_table", "write_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +143,45 @@ CHECKS: dict[str, Callable[[dict[str, Any]], Check]] = {
 }
 _NOT_CHECKABLE = (OSError, ImportError, RuntimeError)  # offline / not cached, upstream missing, hub errors
 
+_WEIGHTLESS = ("no weights to download: its parity with {} runs in rewardkit's own test suite on any machine "
+               "(`pip install -e \".[dev]\" && python -m pytest`)")
+_JUDGE = ("a VLM judge: its scores come from the model you serve or load, so there is nothing fixed to compare; "
+          "prompt, parsing and score arithmetic are tested against {} in rewardkit's test suite")
+#: Registered names that have no upstream comparison here, and why: each gets a "not checked" row saying so.
+NO_CHECK: dict[str, str] = {
+    "kid": "KID embeds with the FID Inception: `rewardkit verify fid` checks that network; the KID arithmetic is "
+           "tested against torch-fidelity in rewardkit's test suite",
+    "inception-score": "the Inception Score uses the FID Inception's classifier: `rewardkit verify fid` checks that "
+                       "network (with a classifier-bearing file); the IS arithmetic is tested against torch-fidelity "
+                       "in rewardkit's test suite",
+    "hpsv3": "the upstream package (hpsv3 1.0.0) pins transformers 4.45 and cannot be installed beside rewardkit; "
+             "its forward is reproduced on transformers' Qwen2-VL and compared in rewardkit's test suite",
+    "cmmd": "upstream (google-research cmmd) is a TensorFlow script, not an installable package; embeddings and MMD "
+            "are compared with its pipeline reproduced in rewardkit's test suite",
+    "fd-dinov2": "upstream (layer6ai-labs dgm-eval) is not on PyPI; its DINOv2 transform and features are "
+                 "reproduced and compared in rewardkit's test suite",
+    "geneval": "upstream's detector needs mmdetection 2.x with mmcv-full (a CUDA build); with backend='mmdet' "
+               "rewardkit runs that detector itself, and the scoring rules are compared with upstream's in "
+               "rewardkit's test suite",
+    "ocr": "its real weights (PP-OCRv4 ONNX) ship inside rapidocr-onnxruntime, so its real-model tests run offline "
+           "in rewardkit's test suite; the score formula is compared with flow_grpo's there",
+    "unified-reward-2": _JUDGE.format("UnifiedReward's inference scripts"),
+    "unified-reward-edit": _JUDGE.format("UnifiedReward's inference scripts"),
+    "qwen-image-bench": _JUDGE.format("Qwen-Image-Bench's judge.py and score_utils.py"),
+    "ssim": _WEIGHTLESS.format("scikit-image and torchmetrics"),
+    "ms-ssim": _WEIGHTLESS.format("torchmetrics and pytorch-msssim"),
+    "psnr": _WEIGHTLESS.format("scikit-image"),
+    "jpeg-compressibility": _WEIGHTLESS.format("ddpo-pytorch"),
+    "jpeg-incompressibility": _WEIGHTLESS.format("ddpo-pytorch"),
+}
+
 
 def run_verify(names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None) -> list[Check]:
     """Run the checks of ``names`` (default: all of :data:`CHECKS`).
 
     Args:
-        names: registry names with a check; an unknown name raises before any work.
+        names: registry names; those in :data:`NO_CHECK` get a "not checked" row with the reason, a name that is
+            in neither table raises before any work.
         options: per-name load options, e.g. ``{"fid": {"weights": "/path/inception-2015-12-05.pt"}}``
             (``weights`` may be a local path, an ``hf:``/``ms:`` spec or an ``http(s)://`` URL).
 
@@ -156,17 +189,21 @@ def run_verify(names: list[str] | None = None, options: dict[str, dict[str, Any]
         One :class:`Check` per name; a check that could not run has ``passed=None`` and the reason in ``note``.
     """
     names = list(names or CHECKS)
-    unknown = [n for n in names if n not in CHECKS]
+    unknown = [n for n in names if n not in CHECKS and n not in NO_CHECK]
     if unknown:
-        raise ValueError(f"rewardkit verify: no check for {unknown}; available: {sorted(CHECKS)}")
+        raise ValueError(f"rewardkit verify: unknown name(s) {unknown}; checks: {sorted(CHECKS)} (these have no "
+                         f"upstream comparison and say why: {sorted(NO_CHECK)})")
     options = options or {}
     checks = []
     for name in names:
+        if name in NO_CHECK:
+            checks.append(Check(name, "", None, None, None, f"not checked: {NO_CHECK[name]}"))
+            continue
         try:
             checks.append(CHECKS[name](dict(options.get(name, {}))))
         except _NOT_CHECKABLE as exc:
             logger.info("verify %s: not checked (%s)", name, exc)
-            checks.append(Check(name, "", None, 0.0, None, f"not checked: {type(exc).__name__}: {exc}"))
+            checks.append(Check(name, "", None, None, None, f"not checked: {type(exc).__name__}: {exc}"))
     return checks
 
 
@@ -176,7 +213,8 @@ def format_table(checks: list[Check]) -> str:
     for c in checks:
         diff = "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3e}"
         verdict = {True: "yes", False: "NO", None: "not checked"}[c.passed]
-        lines.append(f"| {c.reward} | {c.upstream or '-'} | {diff} | {c.tolerance:.0e} | {verdict} | {c.note} |")
+        tolerance = "-" if c.tolerance is None else f"{c.tolerance:.0e}"
+        lines.append(f"| {c.reward} | {c.upstream or '-'} | {diff} | {tolerance} | {verdict} | {c.note} |")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ class Check:
         reward: the registry name checked.
         upstream: the reference implementation and its version ("" when not checked).
         max_abs_diff: max |rewardkit - upstream| over the reference images (None when not checked).
-        tolerance: the largest accepted difference.
+        tolerance: the largest accepted difference (None when not checked).
         passed: True / False, or None when the check could not run.
         note: what was compared, or exactly why it could not be checked.
     """
@@ -34,7 +34,7 @@ class Check:
     reward: str
     upstream: str
     max_abs_diff: float | None
-    tolerance: float
+    tolerance: float | None
     passed: bool | None
     note: str
 

@@ -108,9 +108,26 @@ def test_offline_says_exactly_what_it_could_not_check(capsys, hub, monkeypatch, 
     assert out.read_text().count("not checked") >= 2
 
 
+def test_every_registered_name_is_either_checked_or_says_why_not(capsys, tmp_path):
+    """No registered reward or metric is silently outside ``verify``: without an upstream comparison, its row says
+    why (and where its parity is tested), with no tolerance and no verdict."""
+    from rewardkit.registry import names
+    from rewardkit.verify import NO_CHECK
+
+    assert set(CHECKS) | set(NO_CHECK) == set(names()) and not set(CHECKS) & set(NO_CHECK)
+    out = tmp_path / "rows.json"
+    assert main(["verify", "hpsv3", "kid", "ssim", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| hpsv3 | - | - | - | not checked | not checked: the upstream package (hpsv3 1.0.0) pins" in printed
+    rows = json.loads(out.read_text())
+    assert [row["reward"] for row in rows] == ["hpsv3", "kid", "ssim"]
+    assert all(row["passed"] is None and row["tolerance"] is None and row["max_abs_diff"] is None for row in rows)
+    assert "rewardkit verify fid" in rows[1]["note"] and "scikit-image" in rows[2]["note"]
+
+
 def test_bad_usage_is_refused_before_any_work(capsys):
     assert main(["verify", "not-a-reward"]) == 2
-    assert "no check for ['not-a-reward']" in capsys.readouterr().err
+    assert "unknown name(s) ['not-a-reward']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
         parse_options(["fid=weights"])
     assert parse_options(["fid.weights=a=b"]) == {"fid": {"weights": "a=b"}}
