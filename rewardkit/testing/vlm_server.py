@@ -116,6 +116,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        # A chat request stops counting as in flight before its answer is written: once the client has read
+        # it, the client's next request may arrive before this thread runs again, and counting both would
+        # report one request more in flight than the client ever had (max_in_flight 3 under a limit of 2).
+        self._leave_once()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -160,9 +164,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": {"message": f"no route {self.path}"}})
             return
         number = self.state.enter()
+        self._counted = True
         try:
             self._answer(body, number)
         finally:
+            self._leave_once()
+
+    def _leave_once(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
             self.state.leave()
 
     def _answer(self, body: bytes, number: int) -> None:
