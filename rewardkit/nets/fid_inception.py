@@ -169,9 +169,10 @@ def low_precision_copy(net: FIDInceptionV3, dtype: torch.dtype) -> FIDInceptionV
     Every ``BasicConv2d`` is conv (no bias) -> BatchNorm (eval) -> ReLU; the BatchNorm is an affine map per
     channel, so it is folded into the conv's weight and a bias in float32 (``torch.nn.utils.fusion``) before the
     cast, and the copy runs one conv per block instead of conv + normalisation. Channels-last is oneDNN's native
-    convolution layout (NCHW input is reordered at every conv). Measured on a 2-CPU AVX512-BF16 EPYC with the real
-    weights, 16 images: float32 1.78 s, bf16 autocast 0.97 s, this copy 0.61 s (2.9x); pool3 features move by
-    about 4 % of their range (not a parity mode: docs/speed.md).
+    convolution layout (NCHW input is reordered at every conv). Measured in bf16 on a 2-CPU AVX512-BF16 EPYC with
+    the real weights (``benchmarks/bench_fast_mode.py fid``): 2.5-2.9x float32, where plain bf16 autocast on the
+    exact network gives 1.8x; pool3 features of photographs move by up to 2.2 % of their maximum (not a parity
+    mode: docs/speed.md).
 
     Args:
         net: the exact network (left untouched, on any device).
