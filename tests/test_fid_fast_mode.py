@@ -111,6 +111,22 @@ def test_a_copy_built_before_new_weights_is_never_used(weights, prepared, tmp_pa
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
 
 
+def test_weights_loaded_under_inference_mode_are_tracked_by_content(weights, prepared, tmp_path):
+    """Loaded inside ``torch.inference_mode`` the tensors have no version counter and ``load_state_dict`` keeps
+    their storage: the copy must still be rebuilt."""
+    other_weights = tiny_fid_inception(tmp_path, seed=1)["weights"]
+    with torch.inference_mode():
+        extractor = load_inception(weights)
+        assert next(extractor.net.parameters()).is_inference()
+        first = extractor.forward_low_precision(prepared, torch.bfloat16)
+        other = load_inception(other_weights)
+        extractor.net.load_state_dict(other.net.state_dict())
+        second = extractor.forward_low_precision(prepared, torch.bfloat16)
+        expected = other.forward_low_precision(prepared, torch.bfloat16)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
 def test_threads_sharing_a_metric_build_one_copy(weights, prepared):
     extractor = load_inception(weights)
     barrier, results, errors = threading.Barrier(4), [], []

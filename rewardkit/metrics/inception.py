@@ -121,7 +121,13 @@ class InceptionExtractor(FeatureExtractor):
         # Keyed on every tensor's storage and version: a copy built before load_state_dict / .to() would
         # otherwise keep scoring with the old weights, silently.
         tensors = [*self.net.parameters(), *self.net.buffers()]
-        fingerprint = tuple((t.device, t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        fingerprint: tuple = tuple((t.device, t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        inference = [t for t in tensors if t.is_inference() and t.is_floating_point()]
+        if inference:
+            # Built under torch.inference_mode, the tensors carry no version counter, and an in-place
+            # load_state_dict there keeps every storage: their contents are the only witness (one sync).
+            sums = torch.stack([torch.stack((t.float().sum(), t.float().abs().sum())) for t in inference])
+            fingerprint += tuple(sums.flatten().tolist())
         with _LOW_PRECISION_LOCK:  # threads sharing one metric build the copy once
             cached = self._low_precision.get(dtype)
             if cached is None or cached[0] != fingerprint:
