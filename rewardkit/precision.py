@@ -23,6 +23,7 @@ import warnings
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from rewardkit.fp32_precision import ieee_float32
 
@@ -156,8 +157,6 @@ class SdpaSelfAttention(torch.nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
-        import torch.nn.functional as F
-
         batch, length, width = query.shape
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
         q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)

@@ -23,8 +23,14 @@ import rewardkit.testing as rkt
 from rewardkit.testing.pipelines import tiny_sd_pipeline
 from rewardkit.integrations.ddpo import as_ddpo_reward
 
-trl = pytest.importorskip("trl", reason="run with the .venv-trl023 environment (tests/legacy_trl023/requirements.txt)")
-if not hasattr(trl, "DDPOTrainer"):  # a TRL without DDPO is the wrong environment, not a reason to skip
+# Only its own environment collects this module, so a missing or newer trl is the wrong environment: an error,
+# never a skip (a skipped trainer test would prove nothing).
+try:
+    import trl
+except ImportError as error:
+    raise RuntimeError("trl is not installed: run this folder in the .venv-trl023 environment "
+                       "(pip install -r tests/legacy_trl023/requirements.txt)") from error
+if not hasattr(trl, "DDPOTrainer"):
     raise RuntimeError(f"trl {trl.__version__} has no DDPOTrainer; install tests/legacy_trl023/requirements.txt")
 
 PROMPTS = ["a red cat", "a blue dog", "a green bird"]
